@@ -1,0 +1,149 @@
+"""One registry for everything a config can name: `@register` a class or function, `build(cfg)` it.
+
+Only registered names can be built, so a config can never import arbitrary code. Registration happens
+when `hat` is imported (each package imports its modules), never by a config.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hat.errors import RegistryError
+
+LIST_HINT = "run `python tools/train.py --list` to see every registered name"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str
+    obj: Callable[..., Any]
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def register(obj: Callable | None = None, *, name: str | None = None, kind: str = "misc"):
+    """Register a class or function under `name` (default: its own name); usable bare or with arguments."""
+
+    def add(target: Callable) -> Callable:
+        key = name or target.__name__
+        if key in _ENTRIES and _ENTRIES[key].obj is not target:
+            raise RegistryError(f"'{key}' is registered twice: {_ENTRIES[key].obj!r} and {target!r}; rename one")
+        _ENTRIES[key] = Entry(key, kind, target)
+        return target
+
+    return add(obj) if obj is not None else add
+
+
+def list_registered(kind: str | None = None) -> list[str]:
+    """Sorted names, optionally of one kind ("model", "dataset", "optimizer", ...)."""
+    return sorted(n for n, e in _ENTRIES.items() if kind is None or e.kind == kind)
+
+
+def kinds() -> list[str]:
+    return sorted({e.kind for e in _ENTRIES.values()})
+
+
+def get(name: str, kind: str | tuple[str, ...] | None = None, where: str = "type") -> Callable:
+    """The registered object called `name`; an unknown name raises with close matches and where it came from.
+
+    `kind` (one or a tuple) restricts the lookup, so `optimizer.type: resnet18` is an error, not a surprise.
+    """
+    kinds_ok = (kind,) if isinstance(kind, str) else kind
+    entry = _ENTRIES.get(name)
+    if entry is None or (kinds_ok is not None and entry.kind not in kinds_ok):
+        candidates = [n for k in (kinds_ok or (None,)) for n in list_registered(k)]
+        close = difflib.get_close_matches(str(name), candidates, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        what = f"{' or '.join(kinds_ok)} " if kinds_ok else ""
+        raise RegistryError(f"{where}: unknown {what}name '{name}'.{hint} ({LIST_HINT})")
+    return entry.obj
+
+
+def build(cfg: Mapping | DictConfig, where: str = "", kind: str | tuple[str, ...] | None = None,
+          **extra: Any) -> Any:
+    """Build `cfg['type']` with the other keys as keyword arguments; nested `type:` dicts are built first.
+
+    `extra` adds arguments the config cannot hold (parameters, an optimizer). `where` is the config path used
+    in error messages, e.g. "model.backbone".
+    """
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping) or "type" not in cfg:
+        raise RegistryError(f"{where or 'config'}: expected a mapping with a 'type' key, got {cfg!r}")
+    kwargs = {k: _build_nested(v, f"{where}.{k}" if where else k) for k, v in cfg.items() if k != "type"}
+    kwargs.update(extra)
+    type_key = f"{where}.type" if where else "type"
+    target = get(cfg["type"], kind=kind, where=type_key)
+    _check_arguments(target, kwargs, where or cfg["type"])
+    return target(**kwargs)
+
+
+def _build_nested(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping) and "type" in value:
+        return build(value, where)
+    if isinstance(value, list):
+        return [_build_nested(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _check_arguments(target: Callable, kwargs: dict, where: str) -> None:
+    """Unknown keys and values of a plainly wrong type become messages naming the config key."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in params and not takes_any:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RegistryError(f"{where}.{key}: not an argument of {target.__name__}.{hint} "
+                                f"Accepted: {', '.join(accepted)}")
+    missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise RegistryError(f"{where}: {target.__name__} needs {', '.join(missing)}; add it to the config")
+    hints = _type_hints(target)
+    for key, value in kwargs.items():
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            raise RegistryError(f"{where}.{key}: expected {_type_name(expected)}, got {type(value).__name__} "
+                                f"{value!r}")
+
+
+def _type_hints(target: Callable) -> dict:
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: skip the type check, never block the build
+        return {}
+
+
+_SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected in _SIMPLE:
+        if isinstance(value, bool) and expected in (int, float):
+            return False
+        return isinstance(value, _SIMPLE[expected])
+    if origin in (list, tuple, typing.Sequence) or expected in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True  # anything richer (modules, callables) is checked by the object itself
+
+
+def _type_name(expected: Any) -> str:
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
