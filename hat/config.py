@@ -1,0 +1,141 @@
+"""`--config FILE.yaml` + Hydra override strings -> one validated OmegaConf tree.
+
+Hydra's compose API does the merging (defaults lists, `a.b=1`, `+new=1`, `~key`, interpolations). The config's
+own folder is the primary search path; every `_base_` folder above it (nearest first) and the repository's
+`projects/_base_` follow, so a project config can say `defaults: [/trainer: default, /optimizer: sgd, _self_]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from hat.errors import ConfigError
+
+STAGE_ORDER = ("float", "calibration", "qat", "int_infer")
+_REPO_BASE = Path(__file__).resolve().parent.parent / "projects" / "_base_"
+
+
+@dataclasses.dataclass
+class TrainerSchema:
+    """Every trainer option, with its type: a typo or a wrong type is an error, never silently ignored."""
+
+    epochs: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bfloat16 autocast on CPU, float16 + GradScaler on CUDA
+    clip_grad_norm: Optional[float] = None  # max total L2 norm; the pre-clip norm is logged either way
+    accum_steps: int = 1
+    log_interval: int = 10  # optimizer steps between TensorBoard scalars
+    eval_interval: int = 1  # epochs between evaluations
+    progress_bar: bool = True
+    deterministic: bool = True
+
+
+@dataclasses.dataclass
+class DataSchema:
+    train: Any = None  # a `type:` mapping naming a registered dataset
+    val: Any = None
+    batch_size: int = 64
+    val_batch_size: Optional[int] = None
+    num_workers: int = 0
+    train_transforms: Any = None  # list of `type:` mappings
+    val_transforms: Any = None
+
+
+@dataclasses.dataclass
+class Schema:
+    """The top level; `model`, `optimizer` and `scheduler` are `type:` mappings checked when built."""
+
+    model: Any = None
+    data: DataSchema = dataclasses.field(default_factory=DataSchema)
+    optimizer: Any = None
+    scheduler: Any = None
+    trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
+    work_dir: str = "work_dirs/default"
+    seed: int = 0
+    stage: str = "float"
+    pretrained: Optional[str] = None  # checkpoint whose weights start the float stage
+    stages: Any = dataclasses.field(default_factory=dict)  # per-stage overrides: stages.qat.optimizer...
+
+
+def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `config_file` with Hydra `overrides` and validate it; every failure is one ConfigError line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = Path(config_file)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml") if not path.exists() else path
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {config_file} (give a path like projects/digits/convnet.yaml)")
+    path = path.resolve()
+    search = [f"file://{p}" for p in _base_dirs(path)]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+            cfg = compose(config_name=path.stem, overrides=[*overrides, f"hydra.searchpath=[{','.join(search)}]"])
+    except Exception as exc:  # Hydra raises several types; all of them are the user's input
+        raise ConfigError(_hydra_message(exc, path)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(cfg, source=str(path))
+
+
+def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
+    """Merge onto the typed schema: unknown keys in typed sections and wrong value types raise ConfigError."""
+    schema = OmegaConf.structured(Schema)
+    OmegaConf.set_struct(schema, False)  # free top-level keys (`+my_key=1`) are allowed ...
+    for typed in ("trainer", "data"):  # ... but the typed sections reject unknown keys
+        OmegaConf.set_struct(schema[typed], True)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        section, _, name = key.rpartition(".")
+        known = list(schema[section].keys()) if section in ("trainer", "data") else []
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown key '{key}'.{hint} Known {section} keys: {', '.join(known)}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: bad value at '{key}': {reason}") from None
+    if merged.stage not in STAGE_ORDER:
+        raise ConfigError(f"stage: unknown stage '{merged.stage}'; choose one of {', '.join(STAGE_ORDER)}")
+    return merged
+
+
+def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
+    """The config one stage runs with: the top level merged with `stages.<stage>` (if any), stage set."""
+    override = cfg.stages.get(stage) if cfg.stages else None
+    merged = OmegaConf.merge(cfg, override) if override else cfg.copy()
+    merged.stage = stage
+    return validate(merged)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def _base_dirs(path: Path) -> list[Path]:
+    dirs = [parent / "_base_" for parent in path.parents if (parent / "_base_").is_dir()]
+    if _REPO_BASE.is_dir() and _REPO_BASE not in dirs:
+        dirs.append(_REPO_BASE)
+    return dirs
+
+
+def _hydra_message(exc: Exception, path: Path) -> str:
+    text = " ".join(str(exc).split())
+    if "Could not override" in text or "Could not delete" in text or "Could not append" in text:
+        return f"override rejected: {text}"
+    if type(exc).__name__ == "OverrideParseException":
+        return f"override syntax error: {text} (grammar: key=value, +new_key=value, ~key; quote values with spaces)"
+    if "Could not find" in text or "MissingConfigException" in type(exc).__name__:
+        return f"{path}: defaults list entry not found: {text}"
+    return f"{path}: {text}"

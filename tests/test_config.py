@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from hat.config import load_config, stage_config
+from hat.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "projects" / "digits" / "convnet.yaml"
+PROJECT_CONFIGS = sorted(p for p in (ROOT / "projects").rglob("*.yaml") if "_base_" not in p.parts)
+
+
+@pytest.mark.parametrize("path", PROJECT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_project_config_composes(path):
+    cfg = load_config(path)
+    assert cfg.model.type and cfg.data.train.type and cfg.optimizer.type
+
+
+def test_defaults_list_pulls_shared_base_groups():
+    cfg = load_config(DIGITS)
+    assert cfg.optimizer.type == "SGD" and cfg.optimizer.momentum == 0.9  # from _base_/optimizer/sgd.yaml
+    assert cfg.optimizer.lr == 0.05  # the project's own value wins (_self_ last)
+    assert cfg.scheduler.type == "CosineLR"
+
+
+def test_overrides_set_add_and_delete():
+    cfg = load_config(DIGITS, ["trainer.epochs=1", "optimizer.lr=0.01", "+x=1", "~scheduler",
+                               "data.train.split=val", "+extra.list=[1,2]", "+lr_copy=${optimizer.lr}"])
+    assert cfg.trainer.epochs == 1 and cfg.optimizer.lr == 0.01
+    assert cfg.x == 1 and list(cfg.extra.list) == [1, 2] and cfg.lr_copy == 0.01
+    assert cfg.scheduler is None
+    assert cfg.data.train.split == "val"
+
+
+def test_optimizer_group_can_be_swapped():
+    cfg = load_config(DIGITS, ["optimizer=adamw"])
+    assert cfg.optimizer.type == "AdamW"
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="override syntax error.*key=value"):
+        load_config(DIGITS, ["trainer.epochs=[1,"])
+
+
+def test_override_of_missing_key_without_plus():
+    with pytest.raises(ConfigError, match=r"Could not override 'trainer\.epochz'.*\+trainer\.epochz=1"):
+        load_config(DIGITS, ["trainer.epochz=1"])
+
+
+def test_added_key_in_typed_section_suggests_the_real_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer\.epochz'\. Did you mean 'trainer\.epochs'\?"):
+        load_config(DIGITS, ["+trainer.epochz=1"])
+
+
+def test_delete_of_missing_key():
+    with pytest.raises(ConfigError, match="'nokey' does not exist"):
+        load_config(DIGITS, ["~nokey"])
+
+
+def test_wrong_value_type_names_key():
+    with pytest.raises(ConfigError, match=r"bad value at 'trainer\.epochs'.*'abc'"):
+        load_config(DIGITS, ["trainer.epochs=abc"])
+
+
+def test_unknown_stage():
+    with pytest.raises(ConfigError, match="unknown stage 'qta'"):
+        load_config(DIGITS, ["stage=qta"])
+
+
+def test_missing_defaults_entry(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  - /optimizer: sgdd\n  - _self_\n")
+    with pytest.raises(ConfigError, match="sgdd"):
+        load_config(bad)
+
+
+def test_stage_overrides_merge_over_the_top_level():
+    cfg = load_config(DIGITS, ["+stages.qat.optimizer.lr=0.001", "+stages.qat.trainer.epochs=3"])
+    qat = stage_config(cfg, "qat")
+    assert (qat.stage, qat.optimizer.lr, qat.trainer.epochs) == ("qat", 0.001, 3)
+    assert qat.optimizer.type == "SGD" and stage_config(cfg, "float").optimizer.lr == 0.05
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(DIGITS, ["trainer.epochs=2"])
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(OmegaConf.to_yaml(cfg))
+    assert load_config(saved) == cfg
