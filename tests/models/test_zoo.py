@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from hat.models import Classifier, create_model, list_models
+from hat.registry import build
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_builds_trains_and_deploys(name):
+    small = "convnet" in name
+    model = create_model(name, num_classes=7, in_channels=1 if small else 3, **({} if small else {"cifar_stem": True}))
+    x = torch.randn(2, 1 if small else 3, 16, 16)
+    target = torch.tensor([0, 6])
+    loss, logits = model(x, target)
+    assert logits.shape == (2, 7) and loss.ndim == 0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    assert torch.equal(model(x), model.deploy_model()(x))
+
+
+def test_list_models_pattern():
+    assert list_models("resnet*") == ["resnet18", "resnet34"]
+
+
+def test_resnet18_imagenet_stem_matches_torchvision_parameter_count():
+    import torchvision
+
+    ours = sum(p.numel() for p in create_model("resnet18").parameters())
+    theirs = sum(p.numel() for p in torchvision.models.resnet18().parameters())
+    assert ours == theirs
+
+
+def test_mobilenet_v2_matches_torchvision_parameter_count():
+    import torchvision
+
+    ours = sum(p.numel() for p in create_model("mobilenet_v2").parameters())
+    assert ours == sum(p.numel() for p in torchvision.models.mobilenet_v2().parameters())
+
+
+def test_classifier_from_parts_excludes_loss_and_aux_heads_from_deploy():
+    model = build({"type": "Classifier", "backbone": {"type": "ConvNet", "in_channels": 1},
+                   "head": {"type": "ClsHead", "in_channels": 64, "num_classes": 10},
+                   "aux_heads": [{"type": "ClsHead", "in_channels": 64, "num_classes": 10}],
+                   "loss": {"type": "CrossEntropyLoss", "label_smoothing": 0.1}})
+    assert isinstance(model, Classifier)
+    deploy_names = {n for n, _ in model.deploy_model().named_modules()}
+    assert not any("aux" in n or "loss" in n for n in deploy_names)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+    with_aux, _ = model(x, y)
+    model.eval()
+    without_aux, _ = model(x, y)
+    assert with_aux > without_aux  # the auxiliary loss only counts in training
