@@ -1,0 +1,104 @@
+"""What `tools/train.py` and `tools/predict.py` do, callable from Python (the tools are two-line wrappers)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hat.errors import HatError
+
+log = logging.getLogger("hat")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog="Overrides use Hydra's grammar: trainer.epochs=5 +new.key=1 ~scheduler")
+    parser.add_argument("--config", help="project YAML, e.g. projects/digits/convnet.yaml")
+    parser.add_argument("--stage", help="float | calibration | qat | int_infer (same as the override stage=...)")
+    parser.add_argument("overrides", nargs="*", help="Hydra override strings")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _load(args: argparse.Namespace):
+    import hat  # noqa: F401  (registers everything)
+    from hat.config import load_config
+
+    if not args.config:
+        raise HatError("--config FILE is required (e.g. --config projects/digits/convnet.yaml)")
+    overrides = list(args.overrides) + ([f"++stage={args.stage}"] if args.stage else [])
+    return load_config(args.config, overrides)
+
+
+def _run(main, argv: Optional[Sequence[str]]) -> int:
+    """Run `main`; a user error becomes one `error:` line and exit code 2, never a traceback."""
+    _setup_logging()
+    try:
+        return main(argv)
+    except HatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_train, argv)
+
+
+def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_predict, argv)
+
+
+def _train(argv: Optional[Sequence[str]]) -> int:
+    parser = _parser("train.py", "Run one stage of a project config (default: the config's `stage`, float).")
+    parser.add_argument("--resume", action="store_true", help="continue from work_dir/<stage>/last.pt")
+    parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint")
+    parser.add_argument("--list", nargs="?", const="all", metavar="KIND",
+                        help="list registered names (all, or one kind: model, dataset, optimizer, ...) and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        return _list(args.list)
+    from hat.engine.stages import run_stage
+
+    cfg = _load(args)
+    run_stage(cfg, resume=args.resume_from or ("auto" if args.resume else None))
+    return 0
+
+
+def _list(kind: str) -> int:
+    import hat  # noqa: F401
+    from hat.registry import kinds, list_registered
+
+    chosen = kinds() if kind == "all" else [kind]
+    if kind != "all" and kind not in kinds():
+        raise HatError(f"--list: unknown kind '{kind}'; kinds: {', '.join(kinds())}")
+    for k in chosen:
+        print(f"{k}: {', '.join(list_registered(k))}")
+    return 0
+
+
+def _predict(argv: Optional[Sequence[str]]) -> int:
+    parser = _parser("predict.py", "Evaluate a stage's checkpoint on the config's validation data.")
+    parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt)")
+    args = parser.parse_args(argv)
+    from hat.checkpoint import load_checkpoint
+    from hat.config import stage_config
+    from hat.data import build_dataset, build_loader
+    from hat.engine.runtime import select_device
+    from hat.engine.stages import build_model
+    from hat.engine.trainer import evaluate
+
+    cfg = _load(args)
+    cfg = stage_config(cfg, cfg.stage)
+    path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
+    device = select_device(cfg.trainer.device)
+    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    metrics = evaluate(model.to(device), loader, device)
+    print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0

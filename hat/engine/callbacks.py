@@ -1,0 +1,120 @@
+"""The standard callbacks: evaluation, checkpoints, TensorBoard scalars, progress bar and epoch log line."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import DataLoader
+
+from hat.checkpoint import save_checkpoint
+from hat.engine.trainer import Callback, Trainer, evaluate
+
+log = logging.getLogger("hat")
+
+
+class EvalCallback(Callback):
+    """Evaluates every `interval` epochs and after the last one; results land in `trainer.metrics`."""
+
+    def __init__(self, loader: DataLoader, interval: int = 1):
+        self.loader, self.interval = loader, max(1, interval)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if trainer.epoch % self.interval == 0 or trainer.epoch == trainer.epochs or trainer.should_stop:
+            trainer.metrics = evaluate(trainer.model, self.loader, trainer.device)
+
+
+class CheckpointCallback(Callback):
+    """Writes `last.pt` every epoch and `best.pt` when `metric` improves (higher is better)."""
+
+    def __init__(self, out_dir: str | Path, config_yaml: str, metric: str = "val/top1"):
+        self.out_dir, self.config_yaml, self.metric = Path(out_dir), config_yaml, metric
+        self.best: Optional[float] = None
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        value = trainer.metrics.get(self.metric)
+        improved = value is not None and (self.best is None or value > self.best)
+        if improved:
+            self.best = value
+        state = {**trainer.state_dict(), "config": self.config_yaml, "metrics": dict(trainer.metrics),
+                 "best_metric": self.best}
+        save_checkpoint(state, self.out_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, self.out_dir / "best.pt")
+
+
+class TensorBoardCallback(Callback):
+    """Scalars under `log_dir`: train/loss, train/lr, train/grad_norm, train/images_per_sec and eval metrics."""
+
+    def __init__(self, log_dir: str | Path, log_interval: int = 10):
+        self.log_dir, self.log_interval = Path(log_dir), max(1, log_interval)
+        self.writer = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.log_dir))
+        self._mark(trainer)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step % self.log_interval:
+            return
+        now = time.perf_counter()
+        scalars = {"train/loss": float(trainer.loss), "train/lr": trainer.lr,
+                   "train/images_per_sec": (trainer.images_seen - self.seen) / max(now - self.time, 1e-9)}
+        if trainer.grad_norm is not None:
+            scalars["train/grad_norm"] = trainer.grad_norm
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, trainer.step)
+        self._mark(trainer)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        for tag, value in trainer.metrics.items():
+            self.writer.add_scalar(tag, value, trainer.step)
+        self.writer.flush()
+        self._mark(trainer)  # evaluation time is not training throughput
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.writer.close()
+
+    def _mark(self, trainer: Trainer) -> None:
+        self.time, self.seen = time.perf_counter(), trainer.images_seen
+
+
+class ProgressCallback(Callback):
+    """A tqdm bar per epoch (loss, lr, images/s) when `bar`, and one log line per epoch always."""
+
+    def __init__(self, bar: bool = True, refresh_every: int = 5):
+        self.bar_enabled, self.refresh_every = bar, refresh_every
+        self.bar = None
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        self.start = self.last_step = time.perf_counter()
+        self.seen = trainer.images_seen
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            steps = math.ceil(len(trainer.train_loader) / trainer.accum_steps)
+            self.bar = tqdm(total=steps, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.last_step = time.perf_counter()
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if trainer.step % self.refresh_every == 0:
+            self.bar.set_postfix(loss=f"{float(trainer.loss):.4f}", lr=f"{trainer.lr:.3g}",
+                                 img_s=f"{self._throughput(trainer, time.perf_counter()):.0f}", refresh=False)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        metrics = " ".join(f"{k} {v:.4g}" for k, v in trainer.metrics.items())
+        loss = float(trainer.loss) if trainer.loss is not None else float("nan")
+        log.info("epoch %d/%d  step %d  loss %.4f  lr %.3g  %.0f img/s  %s", trainer.epoch, trainer.epochs,
+                 trainer.step, loss, trainer.lr, self._throughput(trainer, self.last_step), metrics)
+
+    def _throughput(self, trainer: Trainer, now: float) -> float:
+        return (trainer.images_seen - self.seen) / max(now - self.start, 1e-9)

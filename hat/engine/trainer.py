@@ -1,0 +1,139 @@
+"""The training loop: one readable `fit`, with callbacks at five named points.
+
+before_train -> [before_epoch -> (train step -> after_step)* -> after_epoch]* -> after_train
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hat.data import start_epoch
+from hat.engine.runtime import rng_state, set_rng_state
+
+
+class Callback:
+    """Override any of the five points; each gets the trainer, whose attributes hold the loop's state."""
+
+    def before_train(self, trainer: "Trainer") -> None: ...
+    def before_epoch(self, trainer: "Trainer") -> None: ...
+    def after_step(self, trainer: "Trainer") -> None: ...
+    def after_epoch(self, trainer: "Trainer") -> None: ...
+    def after_train(self, trainer: "Trainer") -> None: ...
+
+
+class Trainer:
+    """Trains `model` (called as `model(images, targets) -> (loss, logits)`) for `epochs` epochs.
+
+    State callbacks read: `epoch` (epochs finished), `step` (optimizer steps done), `loss` (last step's loss
+    tensor), `grad_norm` (pre-clip total norm at logged or clipped steps, else None), `metrics` (latest eval),
+    `should_stop` (set it to end after the current epoch).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader: DataLoader, epochs: int,
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+                 callbacks: Iterable[Callback] = (), device: torch.device | str = "cpu",
+                 clip_grad_norm: Optional[float] = None, accum_steps: int = 1, amp: bool = False,
+                 log_interval: int = 10):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.epochs, self.callbacks = train_loader, epochs, list(callbacks)
+        self.device = torch.device(device)
+        self.clip_grad_norm, self.accum_steps, self.log_interval = clip_grad_norm, max(1, accum_steps), log_interval
+        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
+        self.epoch = self.step = 0
+        self.loss: Optional[torch.Tensor] = None
+        self.grad_norm: Optional[float] = None
+        self.images_seen = 0
+        self.metrics: dict[str, float] = {}
+        self.should_stop = False
+
+    def fit(self) -> dict[str, float]:
+        self._call("before_train")
+        while self.epoch < self.epochs and not self.should_stop:
+            start_epoch(self.train_loader, self.epoch)
+            self.model.train()
+            self._call("before_epoch")
+            self.train_epoch()
+            self.epoch += 1
+            self._call("after_epoch")
+        self._call("after_train")
+        return self.metrics
+
+    def train_epoch(self) -> None:
+        last = len(self.train_loader) - 1
+        for i, (images, targets) in enumerate(self.train_loader):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss, _ = self.model(images, targets)
+            self.scaler.scale(loss / self.accum_steps).backward()
+            self.images_seen += len(images)
+            if (i + 1) % self.accum_steps == 0 or i == last:
+                self.loss = loss.detach()
+                self.optimizer_step()
+                self._call("after_step")
+
+    def optimizer_step(self) -> None:
+        """Unscale, measure/clip the gradient norm, step, zero grads, advance the schedule."""
+        self.scaler.unscale_(self.optimizer)
+        self.grad_norm = None
+        if self.clip_grad_norm is not None or (self.step + 1) % self.log_interval == 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def bare_model(self) -> nn.Module:
+        """The model without a DistributedDataParallel wrapper, for saving and evaluation."""
+        return getattr(self.model, "module", self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.bare_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken: weights, optimizer, schedule, counters, RNGs."""
+        self.bare_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        set_rng_state(state["rng"])
+
+    def _call(self, point: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, point)(self)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean loss and top-1 accuracy (%) of `model(images, targets) -> (loss, logits)` over `loader`."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        loss, logits = model(images, targets)
+        loss_sum += float(loss) * len(targets)
+        correct += int((logits.argmax(1) == targets).sum())
+        count += len(targets)
+    model.train(was_training)
+    return {"val/loss": loss_sum / max(1, count), "val/top1": 100.0 * correct / max(1, count)}

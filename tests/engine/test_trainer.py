@@ -1,0 +1,143 @@
+"""The loop on the real digits config: learning, clipping, accumulation, AMP, TensorBoard, resume."""
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from hat.data import build_loader
+from hat.data.datasets import DigitsDataset
+from hat.engine import Callback, Trainer
+from hat.models import Classifier
+from hat.engine.stages import build_model, build_trainer, float_stage, run_stage
+
+
+def _trainer(cfg, tmp_path):
+    torch.manual_seed(cfg.seed)
+    return build_trainer(cfg, build_model(cfg), tmp_path)
+
+
+def test_float_stage_learns_digits_and_writes_its_outputs(digits_cfg, tmp_path):
+    metrics = run_stage(digits_cfg("trainer.epochs=3"))
+    assert metrics["val/top1"] > 90.0
+    out = tmp_path / "float"
+    assert {"config.yaml", "last.pt", "best.pt", "metrics.json", "tb"} <= {p.name for p in out.iterdir()}
+    assert "epochs: 3" in (out / "config.yaml").read_text()
+
+
+def test_tensorboard_scalars_read_back(digits_cfg, tmp_path):
+    run_stage(digits_cfg("trainer.epochs=2", "trainer.log_interval=5"))
+    events = EventAccumulator(str(tmp_path / "float" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec", "val/top1", "val/loss"} <= tags
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(5, 47, 5))  # 23 steps per epoch, 2 epochs
+    assert [e.step for e in events.Scalars("val/top1")] == [23, 46]
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.norms, self.points = [], []
+
+    def before_train(self, trainer):
+        self.points.append("before_train")
+
+    def after_step(self, trainer):
+        self.norms.append(trainer.grad_norm)
+
+    def after_train(self, trainer):
+        self.points.append("after_train")
+
+
+def test_clipping_logs_the_pre_clip_norm_and_bounds_the_update(digits_cfg, tmp_path):
+    cfg = digits_cfg("trainer.epochs=1", "trainer.clip_grad_norm=0.01", "~scheduler")
+    trainer = _trainer(cfg, tmp_path)
+    recorder = Recorder()
+    trainer.callbacks = [recorder]
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_epoch()
+    assert len(recorder.norms) == 23 and all(n is not None and n > 0.01 for n in recorder.norms)
+    # plain SGD momentum 0.9: every step moves the weights by at most lr * (sum of momenta) * clip norm
+    step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(trainer.model.parameters(), before)))
+    assert step <= 0.05 * 0.01 * 23 / (1 - 0.9) * 1.01 + 0.05 * 5e-4 * 23 * 10
+
+
+def test_grad_norm_only_measured_at_log_steps_without_clipping(digits_cfg, tmp_path):
+    trainer = _trainer(digits_cfg("trainer.epochs=1", "trainer.log_interval=10"), tmp_path)
+    recorder = Recorder()
+    trainer.callbacks = [recorder]
+    trainer.fit()
+    assert [i + 1 for i, n in enumerate(recorder.norms) if n is not None] == [10, 20]
+    assert recorder.points == ["before_train", "after_train"]
+
+
+def test_accumulation_matches_one_large_batch(digits_cfg):
+    """A model without BatchNorm: 2 micro-batches of 32 accumulated give the same step as one batch of 64."""
+    cfg = digits_cfg()
+    dataset = DigitsDataset("train")
+    dataset.images, dataset.labels = dataset.images[:64], dataset.labels[:64]
+    results = []
+    for batch, accum in ((64, 1), (32, 2)):
+        torch.manual_seed(0)
+        model = Classifier(nn.Flatten(), nn.Linear(64, 10))
+        loader = build_loader(dataset, OmegaConf.merge(cfg.data, {"batch_size": batch}), train=False, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        trainer = Trainer(model, optimizer, loader, epochs=1, accum_steps=accum)
+        trainer.fit()
+        assert trainer.step == 1
+        results.append(model.head.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0], Classifier(nn.Flatten(), nn.Linear(64, 10)).head.weight)
+
+
+def test_accum_steps_count_optimizer_steps(digits_cfg, tmp_path):
+    trainer = _trainer(digits_cfg("trainer.epochs=1", "trainer.accum_steps=4"), tmp_path)
+    trainer.callbacks = []
+    trainer.fit()
+    assert trainer.step == 6  # ceil(23 / 4)
+
+
+def test_amp_on_cpu_uses_bfloat16_autocast(digits_cfg, tmp_path):
+    trainer = _trainer(digits_cfg("trainer.epochs=1", "trainer.amp=true"), tmp_path)
+    dtypes = []
+    trainer.model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer.callbacks = []
+    trainer.fit()
+    assert dtypes and set(dtypes) == {torch.bfloat16} and torch.isfinite(trainer.loss)
+
+
+class Crash(Callback):
+    def __init__(self, after_epoch):
+        self.at = after_epoch
+
+    def after_epoch(self, trainer):
+        if trainer.epoch == self.at:
+            raise KeyboardInterrupt  # the checkpoint callback before it has written last.pt
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_resume_ends_with_the_same_weights(digits_cfg, tmp_path, scheduler):
+    cfg = digits_cfg("trainer.epochs=3", f"scheduler={scheduler}", "+data.train_transforms=[{type: RandomAffine, degrees: 10}]")
+    full = float_stage(cfg, tmp_path / "full", None)
+    full_weights = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+
+    trainer = _trainer(cfg, tmp_path / "cut")
+    trainer.callbacks.append(Crash(after_epoch=1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    resumed = float_stage(cfg, tmp_path / "cut", "auto")
+    resumed_weights = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    assert resumed == full
+    for key, value in full_weights.items():
+        assert torch.equal(value, resumed_weights[key]), key
+
+
+def test_best_checkpoint_keeps_the_best_metric(digits_cfg, tmp_path):
+    run_stage(digits_cfg("trainer.epochs=3"))
+    last = torch.load(tmp_path / "float" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "float" / "best.pt", weights_only=True)
+    assert best["metrics"]["val/top1"] == last["best_metric"]
+    assert best["metrics"]["val/top1"] >= last["metrics"]["val/top1"]
+    assert last["epoch"] == 3 and last["step"] == 69

@@ -1,0 +1,49 @@
+"""The tools as a user runs them: one real subprocess for the wiring, in-process calls for the rest."""
+import subprocess
+import sys
+from pathlib import Path
+
+from hat.cli import predict_main, train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = str(ROOT / "projects" / "digits" / "convnet.yaml")
+
+
+def test_train_tool_runs_and_prints_tensorboard_path(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", DIGITS, "--stage", "float",
+                             "trainer.epochs=1", f"work_dir={tmp_path}", "trainer.progress_bar=false"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"tensorboard --logdir {tmp_path}/float/tb" in result.stderr
+    assert "stage float done" in result.stderr
+
+
+def test_predict_evaluates_the_trained_checkpoint(tmp_path, capsys):
+    common = ["--config", DIGITS, f"work_dir={tmp_path}", "trainer.progress_bar=false"]
+    assert train_main([*common, "trainer.epochs=2"]) == 0
+    assert predict_main(common) == 0
+    out = capsys.readouterr().out
+    assert f"float {tmp_path}/float/best.pt: val/loss" in out and "val/top1" in out
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    cases = {("--config", "missing.yaml"): "error: config file not found: missing.yaml",
+             ("--config", DIGITS, "trainer.epochz=1"): "error: override rejected: Could not override 'trainer.epochz'",
+             ("--config", DIGITS, "model.type=resnet81", f"work_dir={tmp_path}"):
+                 "error: model.type: unknown model or structure name 'resnet81'. Did you mean 'resnet18'",
+             ("--config", DIGITS, "--stage", "qat", f"work_dir={tmp_path}"):
+                 "error: stage 'qat' is not available in this version of hat; available: float",
+             ("--config", DIGITS, "--resume", f"work_dir={tmp_path}"):
+                 f"error: checkpoint not found: {tmp_path}/float/last.pt"}
+    for argv, message in cases.items():
+        assert train_main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(message), (argv, err)
+        assert not any("Traceback" in line for line in err)
+
+
+def test_list_shows_registered_names(capsys):
+    assert train_main(["--list", "model"]) == 0
+    assert capsys.readouterr().out.strip() == "model: convnet_base, convnet_small, mobilenet_v2, resnet18, resnet34"
+    assert train_main(["--list"]) == 0
+    assert "optimizer: AdamW, SGD" in capsys.readouterr().out
