@@ -71,7 +71,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
                 loss, _ = self.model(images, targets)
-            self.scaler.scale(loss / self.accum_steps).backward()
+            self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
             self.images_seen += len(images)
             if (i + 1) % self.accum_steps == 0 or i == last:
                 self.loss = loss.detach()
@@ -84,8 +84,10 @@ class Trainer:
         self.grad_norm = None
         if self.clip_grad_norm is not None or (self.step + 1) % self.log_interval == 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if self.clip_grad_norm is not None:
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
+            else:
+                self.grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
