@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py Makefile
 	touch $@
 
 demo: setup
-	$(PY) tools/train.py --config projects/digits/convnet.yaml --stage float
+	$(PY) tools/train.py --config projects/digits/convnet.yaml --stage float --overwrite
 
 test: setup
 	$(PY) -m pytest -q

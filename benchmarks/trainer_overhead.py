@@ -1,6 +1,6 @@
 """Trainer vs a bare PyTorch loop: same model, data, seed, optimizer and schedule, epochs interleaved.
 
-python benchmarks/trainer_overhead.py [--model convnet_base] [--rounds 8] [--epochs 3] [--threads 2]
+python benchmarks/trainer_overhead.py [--model convnet_base] [--rounds 20] [--epochs 3] [--threads 2]
 Prints the median time per step of each and the median of the per-round ratios (target: Trainer / bare <= 1.03).
 """
 from __future__ import annotations
@@ -49,9 +49,10 @@ def bare_epoch(model, loader, optimizer, scheduler, epoch: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="convnet_base")
-    parser.add_argument("--rounds", type=int, default=8, help="timed rounds; each runs both loops, order alternating")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds; each runs both loops, order alternating")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loop per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-callbacks", action="store_true", help="the bare Trainer loop, without TB/progress")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,6 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # the per-step callbacks a user runs with: TensorBoard scalars and the progress bar
         callbacks = [TensorBoardCallback(Path(tmp) / "tb", cfg.trainer.log_interval), ProgressCallback(bar=True)]
+        callbacks = [] if args.no_callbacks else callbacks
         trainer = Trainer(model, optimizer, loader, epochs=0, scheduler=scheduler, callbacks=callbacks,
                           log_interval=cfg.trainer.log_interval)
 
@@ -87,7 +89,8 @@ def main() -> None:
                 trainer_times.append(t)
     steps = len(loader) * args.epochs
     print(f"model {args.model}, digits, batch {cfg.data.batch_size}, {len(loader)} steps/epoch, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.epochs} epochs per loop, order alternating")
+          f"{args.rounds} rounds x {args.epochs} epochs per loop, order alternating, "
+          f"callbacks: {'none' if args.no_callbacks else 'TensorBoard + progress bar'}")
     print(f"bare loop  {statistics.median(bare_times) * 1e3 / steps:.2f} ms/step (median)")
     print(f"Trainer    {statistics.median(trainer_times) * 1e3 / steps:.2f} ms/step (median)")
     print(f"ratio Trainer / bare = {statistics.median(ratios):.3f} (median of rounds; min {min(ratios):.3f}, "

@@ -57,15 +57,16 @@ def _train(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("train.py", "Run one stage of a project config (default: the config's `stage`, float).")
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/<stage>/last.pt")
     parser.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run of the stage")
     parser.add_argument("--list", nargs="?", const="all", metavar="KIND",
                         help="list registered names (all, or one kind: model, dataset, optimizer, ...) and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.list:
         return _list(args.list)
     from hat.engine.stages import run_stage
 
     cfg = _load(args)
-    run_stage(cfg, resume=args.resume_from or ("auto" if args.resume else None))
+    run_stage(cfg, resume=args.resume_from or ("auto" if args.resume else None), overwrite=args.overwrite)
     return 0
 
 
@@ -84,7 +85,7 @@ def _list(kind: str) -> int:
 def _predict(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("predict.py", "Evaluate a stage's checkpoint on the config's validation data.")
     parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from hat.checkpoint import load_checkpoint
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader

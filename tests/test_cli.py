@@ -26,6 +26,17 @@ def test_predict_evaluates_the_trained_checkpoint(tmp_path, capsys):
     assert f"float {tmp_path}/float/best.pt: val/loss" in out and "val/top1" in out
 
 
+def test_a_finished_run_is_never_overwritten_silently(tmp_path, capsys):
+    common = ["--config", DIGITS, f"work_dir={tmp_path}", "trainer.progress_bar=false", "trainer.epochs=1"]
+    assert train_main(common) == 0
+    before = (tmp_path / "float" / "best.pt").read_bytes()
+    assert train_main(common) == 2
+    assert f"{tmp_path}/float already holds a run (last.pt); continue it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "float" / "best.pt").read_bytes() == before
+    assert train_main([*common, "--overwrite", "seed=1"]) == 0
+    assert (tmp_path / "float" / "best.pt").read_bytes() != before
+
+
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     cases = {("--config", "missing.yaml"): "error: config file not found: missing.yaml",
              ("--config", DIGITS, "trainer.epochz=1"): "error: override rejected: Could not override 'trainer.epochz'",

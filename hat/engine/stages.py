@@ -28,14 +28,21 @@ log = logging.getLogger("hat")
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "rng")
 
 
-def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str] = None) -> dict[str, float]:
-    """Run one stage: merge its `stages.<name>` overrides, save the merged config, run, save metrics."""
+def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str] = None,
+              overwrite: bool = False) -> dict[str, float]:
+    """Run one stage: merge its `stages.<name>` overrides, save the merged config, run, save metrics.
+
+    A stage folder that already holds a run is never overwritten silently: resume it or pass `overwrite`.
+    """
     stage = stage or cfg.stage
     if stage not in list_registered("stage"):
         ready = ", ".join(s for s in STAGE_ORDER if s in list_registered("stage"))
         raise ConfigError(f"stage '{stage}' is not available in this version of hat; available: {ready}")
     cfg = stage_config(cfg, stage)
     out_dir = Path(cfg.work_dir) / stage
+    if (out_dir / "last.pt").exists() and not resume and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --resume, replace it with "
+                          f"--overwrite, or pick another work_dir=...")
     save_config(cfg, out_dir / "config.yaml")
     log.info("stage %s: writing to %s (TensorBoard: tensorboard --logdir %s)", stage, out_dir, out_dir / "tb")
     metrics = get(stage, kind="stage")(cfg, out_dir, resume)
