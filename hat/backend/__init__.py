@@ -1,0 +1,1 @@
+"""Hardware backends; `j5` holds the J5 ("bayes") arithmetic profile and integer primitives."""

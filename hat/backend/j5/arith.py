@@ -1,0 +1,61 @@
+"""J5 integer primitives on int64 tensors: rounding, saturation, multiplier + shift requantization.
+
+Values are held in int64 so that an int32 accumulator times an int16 multiplier never overflows the host
+type; saturation to the target dtype is explicit. Rounding follows the profile (half up).
+"""
+from __future__ import annotations
+
+import torch
+
+from hat.backend.j5.profile import J5, Profile
+
+
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5)
+
+
+def round_to_grid(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Round real values to integers: "half_up" (J5 hardware) or "half_even" (torch, ONNX)."""
+    if rounding == "half_up":
+        return round_half_up(x)
+    if rounding == "half_even":
+        return torch.round(x)
+    raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
+
+
+def saturate(x: torch.Tensor, dtype: str, profile: Profile = J5) -> torch.Tensor:
+    qmin, qmax = profile.qrange(dtype)
+    return x.clamp(qmin, qmax)
+
+
+def shift_right_round(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """Arithmetic right shift with round half up: (v + 2^(n-1)) >> n; n = 0 leaves v unchanged."""
+    shift = torch.as_tensor(shift, dtype=torch.int64, device=v.device)
+    half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp(min=0)), 0)
+    return torch.bitwise_right_shift(v + half, shift)
+
+
+def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer m (|m| <= profile.multiplier_max) and shift n with m / 2^n ~= ratio, n as large as fits.
+
+    n = clamp(floor(log2(multiplier_max / |ratio|)), 0, max_shift); m = round_half_up(ratio * 2^n).
+    """
+    ratio = torch.as_tensor(ratio, dtype=torch.float64)
+    magnitude = ratio.abs().clamp(min=1e-30)
+    shift = torch.floor(torch.log2(profile.multiplier_max / magnitude)).clamp(0, profile.max_shift)
+    multiplier = round_half_up(ratio * torch.pow(2.0, shift))
+    too_big = multiplier.abs() > profile.multiplier_max  # log2 rounding at the edge
+    shift = torch.where(too_big, (shift - 1).clamp(min=0), shift)
+    multiplier = round_half_up(ratio * torch.pow(2.0, shift)).clamp(-profile.multiplier_max, profile.multiplier_max)
+    return multiplier.to(torch.int64), shift.to(torch.int64)
+
+
+def requantize(acc: torch.Tensor, ratio: torch.Tensor, out_dtype: str, channel_axis: int | None = None,
+               profile: Profile = J5) -> torch.Tensor:
+    """int accumulator * ratio -> out_dtype integers, via the int16 multiplier and a rounding right shift."""
+    multiplier, shift = multiplier_and_shift(ratio, profile)
+    if channel_axis is not None and multiplier.ndim == 1:
+        view = [1] * acc.ndim
+        view[channel_axis] = -1
+        multiplier, shift = multiplier.view(view), shift.view(view)
+    return saturate(shift_right_round(acc.to(torch.int64) * multiplier, shift), out_dtype, profile)

@@ -1,0 +1,81 @@
+"""Every J5 ("bayes") number in one object: ranges, rounding, multiplier width, shifts and checker limits.
+
+The checker, the quantized modules and the integer executor all read this object, so they cannot disagree;
+a correction is a one-line change here. Sources and choices: ../shared/J5_ARITHMETIC.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+QRANGES = MappingProxyType({"qint8": (-128, 127), "qint16": (-32768, 32767), "qint32": (-2**31, 2**31 - 1)})
+
+
+@dataclass(frozen=True)
+class ConvLimits:
+    max_in_channels: int = 8192
+    max_out_channels: int = 8192
+    max_out_channels_model_output: int = 16384
+    kernel_range: tuple[int, int] = (1, 31)
+    max_weight_elements_per_filter: int = 65535  # C * kH * kW must stay below this
+    max_padding: int = 256
+    max_dilation: int = 16
+    max_stride: int = 256
+    strides_with_fused_add: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    max_hwc: int = 65536
+    max_batch: int = 4096
+    max_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class GridSampleLimits:
+    max_hw: int = 1024
+    max_area: int = 720 * 1024
+    modes: tuple[str, ...] = ("bilinear", "nearest")
+    padding_modes: tuple[str, ...] = ("zeros", "border")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Integer arithmetic of one march; the fields are the facts, the methods derive from them."""
+
+    march: str
+    rounding: str = "half_up"  # rounding to the integer grid and in right shifts: floor(x + 0.5)
+    activation_dtypes: tuple[str, ...] = ("qint8", "qint16")
+    weight_dtype: str = "qint8"
+    bias_dtype: str = "qint32"
+    accumulator_dtype: str = "qint32"
+    multiplier_max: int = 32767  # requantization multiplier is an int16: |m| <= 32767
+    max_shift: int = 31
+    add_max_shift: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({"qint8": 23, "qint16": 15}))
+    lut_internal_dtype: str = "qint16"  # sigmoid/tanh/exp tables; an int8 result is (v + 128) >> 8
+    conv: ConvLimits = field(default_factory=ConvLimits)
+    tensor: TensorLimits = field(default_factory=TensorLimits)
+    grid_sample: GridSampleLimits = field(default_factory=GridSampleLimits)
+
+    def qrange(self, dtype: str) -> tuple[int, int]:
+        try:
+            return QRANGES[dtype]
+        except KeyError:
+            raise ValueError(f"unknown quantized dtype '{dtype}'; use one of {', '.join(QRANGES)}") from None
+
+    def scale_divisor(self, dtype: str) -> float:
+        """scale = max(|min|, |max|) / divisor; (qmax - qmin) / 2, so 127.5 for qint8."""
+        qmin, qmax = self.qrange(dtype)
+        return (qmax - qmin) / 2
+
+
+J5 = Profile(march="bayes")
+PROFILES: Mapping[str, Profile] = MappingProxyType({"bayes": J5})
+
+
+def get_profile(march: str) -> Profile:
+    try:
+        return PROFILES[march]
+    except KeyError:
+        raise ValueError(f"unknown march '{march}'; known: {', '.join(PROFILES)}") from None

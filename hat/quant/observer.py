@@ -1,0 +1,88 @@
+"""Observers: record the range of what flows through them and turn it into a symmetric scale.
+
+scale = max(|min|, |max|) / ((qmax - qmin) / 2), zero point 0 (J5_ARITHMETIC.md). `ch_axis=None` is
+per-tensor; an int is per-channel along that axis (weights: 0).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from hat.quant.march import current_profile
+
+EPS = torch.finfo(torch.float32).eps
+
+
+class MinMaxObserver(nn.Module):
+    """Running min and max over everything observed."""
+
+    def __init__(self, dtype: str = "qint8", ch_axis: Optional[int] = None):
+        super().__init__()
+        self.dtype, self.ch_axis = dtype, ch_axis
+        current_profile().qrange(dtype)  # validates the dtype
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._batch_range(x.detach())
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self._update(lo, hi)
+        return x
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ch_axis is None:
+            lo, hi = torch.aminmax(x)
+            return lo.reshape(1).float(), hi.reshape(1).float()
+        flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+        lo, hi = torch.aminmax(flat, dim=1)
+        return lo.float(), hi.float()
+
+    @property
+    def observed(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def calculate_scale(self) -> torch.Tensor:
+        """Symmetric scale per tensor (shape [1]) or per channel (shape [C]); 1.0 before anything was seen."""
+        if not self.observed:
+            return torch.ones(1, device=self.min_val.device)
+        amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
+        return (amax / current_profile().scale_divisor(self.dtype)).clamp(min=EPS)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("min_val", "max_val"):  # empty until observed: take the saved size
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"min_val={self.min_val}, max_val={self.max_val}"
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's min and max (`averaging_constant` = weight of the new batch)."""
+
+    def __init__(self, dtype: str = "qint8", ch_axis: Optional[int] = None, averaging_constant: float = 0.01):
+        super().__init__(dtype, ch_axis)
+        self.averaging_constant = averaging_constant
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        c = self.averaging_constant
+        self.min_val = self.min_val + c * (lo - self.min_val)
+        self.max_val = self.max_val + c * (hi - self.max_val)
+
+
+class PerChannelMinMaxObserver(MinMaxObserver):
+    def __init__(self, dtype: str = "qint8", ch_axis: int = 0):
+        super().__init__(dtype, ch_axis)
+
+
+class MovingAveragePerChannelMinMaxObserver(MovingAverageMinMaxObserver):
+    def __init__(self, dtype: str = "qint8", ch_axis: int = 0, averaging_constant: float = 0.01):
+        super().__init__(dtype, ch_axis, averaging_constant)
