@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from hat.quant.stubs import DeQuantStub, QuantStub
 from hat.registry import register
 
 
@@ -31,29 +32,32 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 class Classifier(nn.Module):
     """`model(x)` returns logits (deploy path); `model(x, target)` returns (loss, logits) for training.
 
-    Only `deploy_model()` (backbone + head) goes on to quantization, export and the integer program: the loss and
-    the auxiliary heads stay out of it by construction.
+    Only `deploy_model()` (quant stub, backbone, head, dequant stub) goes on to quantization, export and the
+    integer program: the loss and the auxiliary heads stay out of it by construction (`NON_DEPLOY`).
     """
+
+    NON_DEPLOY = ("loss", "aux_heads")
 
     def __init__(self, backbone: nn.Module, head: nn.Module, loss: Optional[nn.Module] = None,
                  aux_heads: Optional[Sequence[nn.Module]] = None, aux_weight: float = 0.4):
         super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
         self.backbone, self.head = backbone, head
         self.loss = loss if loss is not None else CrossEntropyLoss()
         self.aux_heads = nn.ModuleList(aux_heads or [])
         self.aux_weight = aux_weight
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
-        features = self.backbone(x)
-        logits = self.head(features)
+        features = self.backbone(self.quant(x))
+        logits = self.dequant(self.head(features))
         if target is None:
             return logits
         loss = self.loss(logits, target)
         if self.training:
             for aux in self.aux_heads:
-                loss = loss + self.aux_weight * self.loss(aux(features), target)
+                loss = loss + self.aux_weight * self.loss(aux(self.dequant(features)), target)
         return loss, logits
 
     def deploy_model(self) -> nn.Sequential:
         """The part that runs on the device: shares parameters with this model."""
-        return nn.Sequential(self.backbone, self.head)
+        return nn.Sequential(self.quant, self.backbone, self.head, self.dequant)

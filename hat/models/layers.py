@@ -1,10 +1,6 @@
-"""Quant-friendly building blocks: conv+bn+act in one module (fusable), and an explicit Add module.
-
-Residual adds are modules rather than `+` so the quantization stage can give them their own output scale.
-"""
+"""Quant-friendly building blocks: conv+bn+act as one Sequential, which prepare_qat fuses into one conv."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -19,9 +15,3 @@ class ConvBNAct(nn.Sequential):
             layers.append({"relu": nn.ReLU, "relu6": nn.ReLU6}[act](inplace=True))
         super().__init__(*layers)
 
-
-class Add(nn.Module):
-    """x + y as a module, so it can be swapped for a quantized add."""
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y

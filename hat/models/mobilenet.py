@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from hat.models.classifier import Classifier, ClsHead
-from hat.models.layers import Add, ConvBNAct
+from hat.models.layers import ConvBNAct
+from hat.quant.stubs import FloatFunctional
 from hat.registry import register
 
 # expansion t, channels c, repeats n, stride s (the paper's table 2)
@@ -26,11 +27,11 @@ class InvertedResidual(nn.Module):
         layers += [ConvBNAct(hidden, hidden, 3, stride, groups=hidden, act="relu6"),
                    ConvBNAct(hidden, out_channels, 1, act=None)]
         self.body = nn.Sequential(*layers)
-        self.add = Add() if stride == 1 and in_channels == out_channels else None
+        self.add = FloatFunctional() if stride == 1 and in_channels == out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
-        return self.add(x, y) if self.add is not None else y
+        return self.add.add(x, y) if self.add is not None else y
 
 
 @register(kind="backbone")

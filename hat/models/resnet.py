@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hat.models.classifier import Classifier, ClsHead
-from hat.models.layers import Add, ConvBNAct
+from hat.models.layers import ConvBNAct
+from hat.quant.stubs import FloatFunctional
 from hat.registry import register
 
 
@@ -18,11 +19,11 @@ class BasicBlock(nn.Module):
         self.conv2 = ConvBNAct(out_channels, out_channels, 3, 1, act=None)
         self.shortcut = (ConvBNAct(in_channels, out_channels, 1, stride, act=None)
                          if stride != 1 or in_channels != out_channels else nn.Identity())
-        self.add = Add()
+        self.add = FloatFunctional()
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.add(self.conv2(self.conv1(x)), self.shortcut(x)))
+        return self.relu(self.add.add(self.conv2(self.conv1(x)), self.shortcut(x)))
 
 
 @register(kind="backbone")

@@ -1,0 +1,50 @@
+"""What a float model holds so it can be quantized: QuantStub (input), DeQuantStub (output), FloatFunctional.
+
+In a float model they are plain ops; prepare_qat swaps them for versions that quantize, dequantize and
+observe the output scale of tensor-tensor arithmetic (which needs a scale only a module can learn).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class QuantStub(nn.Module):
+    """Marks where float input becomes quantized (the model input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class DeQuantStub(nn.Module):
+    """Marks where a quantized result becomes float again (the model output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FloatFunctional(nn.Module):
+    """Tensor-tensor arithmetic as a module: `self.f = FloatFunctional()`, then `self.f.add(x, y)`."""
+
+    def add(self, x, y):
+        return x + y
+
+    def sub(self, x, y):
+        return x - y
+
+    def mul(self, x, y):
+        return x * y
+
+    def add_scalar(self, x, value: float):
+        return x + value
+
+    def mul_scalar(self, x, value: float):
+        return x * value
+
+    def cat(self, tensors: Sequence, dim: int = 0):
+        return torch.cat(list(tensors), dim)
+
+    def forward(self, *args):
+        raise RuntimeError("FloatFunctional is not called directly: use its methods, e.g. self.f.add(x, y)")
