@@ -52,8 +52,8 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[st
 def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """Load matching weights from a checkpoint (hat's, or a bare state_dict) and report what did not match.
 
-    Tensors whose shape differs (e.g. a new head) are skipped and reported, not fatal; a file that matches nothing
-    raises, since it is almost surely the wrong file.
+    Tensors whose shape differs (e.g. a new head) are skipped and reported, not fatal; a file that covers less than
+    half of the model's values raises, since it is almost surely the checkpoint of another model.
     """
     state = load_checkpoint(path)
     weights = state.get("model", state)
@@ -61,10 +61,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in weights.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
     usable = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
-    if not usable:
+    matched = sum(v.numel() for v in usable.values() if v.is_floating_point())
+    total = sum(v.numel() for v in own.values() if v.is_floating_point())
+    if matched < 0.5 * total:  # a new head is fine; a checkpoint of another architecture is not
         sample = ", ".join(list(weights)[:3])
-        raise CheckpointError(f"pretrained checkpoint {path} matches no weight of {type(model).__name__} "
-                              f"(checkpoint keys look like: {sample}); is it the checkpoint of another model?")
+        raise CheckpointError(f"pretrained checkpoint {path} matches no weight of {type(model).__name__} beyond "
+                              f"{100 * matched / max(total, 1):.0f}% of its values (checkpoint keys look like: "
+                              f"{sample}); is it the checkpoint of another model?")
     model.load_state_dict(usable, strict=False)
     return {"missing": [k for k in own if k not in usable and k not in (m.split(":")[0] for m in mismatched)],
             "unexpected": [k for k in weights if k not in own],

@@ -43,6 +43,9 @@ def _run(main, argv: Optional[Sequence[str]]) -> int:
     except HatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unwritable work_dir, a full disk: the user's environment, not a bug
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 2
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,6 +90,7 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt)")
     args = parser.parse_intermixed_args(argv)
     from hat.checkpoint import load_checkpoint
+    from hat.errors import CheckpointError
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.runtime import select_device
@@ -97,7 +101,11 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     cfg = stage_config(cfg, cfg.stage)
     path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
     model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
+    try:
+        model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path} does not fit model '{cfg.model.type}' of this config: {reason}") from None
     device = select_device(cfg.trainer.device)
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     metrics = evaluate(model.to(device), loader, device)

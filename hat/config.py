@@ -85,18 +85,22 @@ def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictC
     return validate(cfg, source=str(path))
 
 
-def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
-    """Merge onto the typed schema: unknown keys in typed sections and wrong value types raise ConfigError."""
+def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig]) -> DictConfig:
+    """Merge `cfg` (then `more`, e.g. stage overrides) onto the typed schema and check value ranges.
+
+    Unknown keys in typed sections, wrong value types and out-of-range values raise one-line ConfigErrors.
+    """
     schema = OmegaConf.structured(Schema)
     OmegaConf.set_struct(schema, False)  # free top-level keys (`+my_key=1`) are allowed ...
     for typed in ("trainer", "data"):  # ... but the typed sections reject unknown keys
         OmegaConf.set_struct(schema[typed], True)
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        merged = OmegaConf.merge(schema, cfg, *(m for m in more if m is not None))
         OmegaConf.resolve(merged)
     except ConfigKeyError as exc:
         key = getattr(exc, "full_key", None) or "?"
         section, _, name = key.rpartition(".")
+        section = section.split(".")[-1]
         known = list(schema[section].keys()) if section in ("trainer", "data") else []
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
@@ -105,17 +109,34 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         key = getattr(exc, "full_key", None) or "?"
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: bad value at '{key}': {reason}") from None
-    if merged.stage not in STAGE_ORDER:
-        raise ConfigError(f"stage: unknown stage '{merged.stage}'; choose one of {', '.join(STAGE_ORDER)}")
+    _check_ranges(merged, source)
     return merged
+
+
+_AT_LEAST = {"trainer.epochs": 1, "trainer.accum_steps": 1, "trainer.log_interval": 1, "trainer.eval_interval": 1,
+             "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
+
+
+def _check_ranges(cfg: DictConfig, source: str) -> None:
+    if cfg.stage not in STAGE_ORDER:
+        raise ConfigError(f"stage: unknown stage '{cfg.stage}'; choose one of {', '.join(STAGE_ORDER)}")
+    unknown = [k for k in (cfg.stages or {}) if k not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"{source}: stages.{unknown[0]}: not a stage; per-stage overrides go under "
+                          f"stages.<{'|'.join(STAGE_ORDER)}>")
+    for key, low in _AT_LEAST.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{source}: {key}={value} is out of range; it must be >= {low}")
+    clip = cfg.trainer.clip_grad_norm
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"{source}: trainer.clip_grad_norm={clip} must be > 0 (or null for no clipping)")
 
 
 def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
     """The config one stage runs with: the top level merged with `stages.<stage>` (if any), stage set."""
     override = cfg.stages.get(stage) if cfg.stages else None
-    merged = OmegaConf.merge(cfg, override) if override else cfg.copy()
-    merged.stage = stage
-    return validate(merged)
+    return validate(cfg, f"stages.{stage}", override, OmegaConf.create({"stage": stage}))
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
@@ -137,5 +158,5 @@ def _hydra_message(exc: Exception, path: Path) -> str:
     if type(exc).__name__ == "OverrideParseException":
         return f"override syntax error: {text} (grammar: key=value, +new_key=value, ~key; quote values with spaces)"
     if "Could not find" in text or "MissingConfigException" in type(exc).__name__:
-        return f"{path}: defaults list entry not found: {text}"
+        return f"{path}: defaults list entry not found: {text.split(' Config search path')[0]}"
     return f"{path}: {text}"

@@ -5,8 +5,10 @@ when `hat` is imported (each package imports its modules), never by a config.
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -82,7 +84,10 @@ def build(cfg: Mapping | DictConfig, where: str = "", kind: str | tuple[str, ...
     type_key = f"{where}.type" if where else "type"
     target = get(cfg["type"], kind=kind, where=type_key)
     _check_arguments(target, kwargs, where or cfg["type"])
-    return target(**kwargs)
+    try:
+        return target(**kwargs)
+    except (ValueError, TypeError) as exc:  # the object refused these values (e.g. a negative LR)
+        raise RegistryError(f"{where or cfg['type']}: {cfg['type']} rejected its arguments: {exc}") from exc
 
 
 def _build_nested(value: Any, where: str) -> Any:
@@ -132,7 +137,7 @@ _SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 
 def _matches(value: Any, expected: Any) -> bool:
     origin = typing.get_origin(expected)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(expected))
     if expected is type(None):
         return value is None
@@ -140,10 +145,17 @@ def _matches(value: Any, expected: Any) -> bool:
         if isinstance(value, bool) and expected in (int, float):
             return False
         return isinstance(value, _SIMPLE[expected])
-    if origin in (list, tuple, typing.Sequence) or expected in (list, tuple):
-        return isinstance(value, (list, tuple))
+    if origin in (list, tuple, collections.abc.Sequence) or expected in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(expected) if a is not Ellipsis]
+        return not args or all(_matches(v, args[0]) for v in value)
     return True  # anything richer (modules, callables) is checked by the object itself
 
 
 def _type_name(expected: Any) -> str:
-    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    args = [a for a in typing.get_args(expected) if a is not Ellipsis]
+    base = getattr(typing.get_origin(expected) or expected, "__name__", None) or str(expected).replace("typing.", "")
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return f"{base}[{', '.join(_type_name(a) for a in args)}]" if args else base

@@ -58,7 +58,10 @@ def test_pretrained_reports_shape_mismatch_missing_and_unexpected(tmp_path):
     assert torch.equal(target.state_dict()[key], source.state_dict()[key])
 
 
-def test_pretrained_from_another_model_is_refused(tmp_path):
-    save_checkpoint(nn.Linear(2, 2).state_dict(), tmp_path / "lin.pt")
+@pytest.mark.parametrize("source", ["linear", "resnet18"])
+def test_pretrained_from_another_model_is_refused(tmp_path, source):
+    """BatchNorm's num_batches_tracked matches in any two models: it must not count as a match."""
+    model = nn.Linear(2, 2) if source == "linear" else create_model("resnet18", num_classes=10)
+    save_checkpoint(model.state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="matches no weight of Classifier"):
-        create_model("convnet_small", pretrained=str(tmp_path / "lin.pt"))
+        create_model("convnet_small", pretrained=str(tmp_path / "other.pt"))

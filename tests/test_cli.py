@@ -35,6 +35,7 @@ def test_a_finished_run_is_never_overwritten_silently(tmp_path, capsys):
     assert (tmp_path / "float" / "best.pt").read_bytes() == before
     assert train_main([*common, "--overwrite", "seed=1"]) == 0
     assert (tmp_path / "float" / "best.pt").read_bytes() != before
+    assert len(list((tmp_path / "float" / "tb").iterdir())) == 1  # the replaced run's curves are gone
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
@@ -44,6 +45,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
                  "error: model.type: unknown model or structure name 'resnet81'. Did you mean 'resnet18'",
              ("--config", DIGITS, "--stage", "qat", f"work_dir={tmp_path}"):
                  "error: stage 'qat' is not available in this version of hat; available: float",
+             ("--config", DIGITS, "work_dir=/proc/hat"): "error: No such file or directory: /proc/hat",
+             ("--config", DIGITS, "optimizer.lr=-1", f"work_dir={tmp_path}"):
+                 "error: optimizer: SGD rejected its arguments: Invalid learning rate: -1",
              ("--config", DIGITS, "--resume", f"work_dir={tmp_path}"):
                  f"error: checkpoint not found: {tmp_path}/float/last.pt"}
     for argv, message in cases.items():
@@ -51,6 +55,13 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(message), (argv, err)
         assert not any("Traceback" in line for line in err)
+
+
+def test_predict_with_a_checkpoint_of_another_model(tmp_path, capsys):
+    common = ["--config", DIGITS, f"work_dir={tmp_path}", "trainer.progress_bar=false", "trainer.epochs=1"]
+    assert train_main(common) == 0
+    assert predict_main([*common, "model.type=convnet_base"]) == 2
+    assert f"error: {tmp_path}/float/best.pt does not fit model 'convnet_base'" in capsys.readouterr().err
 
 
 def test_list_shows_registered_names(capsys):

@@ -1,9 +1,11 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from hat.config import load_config, stage_config
+from hat.config import DataSchema, TrainerSchema, load_config, stage_config
 from hat.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,3 +94,33 @@ def test_config_round_trips_through_yaml(tmp_path):
     saved = tmp_path / "saved.yaml"
     saved.write_text(OmegaConf.to_yaml(cfg))
     assert load_config(saved) == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.accum_steps=0", "trainer.accum_steps=0 is out of range; it must be >= 1"),
+    ("trainer.log_interval=0", "trainer.log_interval=0 is out of range"),
+    ("data.batch_size=-3", "data.batch_size=-3 is out of range"),
+    ("trainer.epochs=0", "trainer.epochs=0 is out of range"),
+    ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm=-1.0 must be > 0"),
+    ("+stages.flaot.trainer.epochs=1", "stages.flaot: not a stage"),
+])
+def test_out_of_range_values(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DIGITS, [override])
+
+
+def test_stage_override_typo_is_a_config_error():
+    cfg = load_config(DIGITS, ["+stages.float.trainer.epochz=2"])
+    with pytest.raises(ConfigError, match=r"stages\.float: unknown key 'trainer\.epochz'\. Did you mean 'trainer\.epochs'"):
+        stage_config(cfg, "float")
+
+
+def test_every_typed_key_can_be_overridden_without_plus():
+    """The base configs name every schema key, so `data.num_workers=2` works like `trainer.epochs=2`."""
+    base = load_config(DIGITS)
+    plain = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else v  # noqa: E731
+    overrides = [f"{section}.{f.name}={plain(base[section][f.name])}"
+                 for section, schema in (("trainer", TrainerSchema), ("data", DataSchema))
+                 for f in dataclasses.fields(schema) if f.name not in ("train", "val")]
+    assert load_config(DIGITS, overrides) == base
+    assert load_config(DIGITS, ["data.num_workers=1"]).data.num_workers == 1

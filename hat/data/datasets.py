@@ -61,8 +61,8 @@ class DigitsDataset(TensorImageDataset):
         labels = torch.tensor(digits.target, dtype=torch.int64)
         order = np.random.RandomState(split_seed).permutation(len(labels))
         n_val = int(round(len(labels) * val_fraction))
-        index = torch.as_tensor(order[n_val:] if split == "train" else order[:n_val])
-        super().__init__(_standardize(images[index], 0.3, 0.4), labels[index], transform)
+        self.indices = torch.as_tensor(order[n_val:] if split == "train" else order[:n_val])  # into load_digits()
+        super().__init__(_standardize(images[self.indices], 0.3, 0.4), labels[self.indices], transform)
 
 
 def read_idx(path: Path) -> np.ndarray:

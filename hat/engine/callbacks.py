@@ -1,11 +1,11 @@
 """The standard callbacks: evaluation, checkpoints, TensorBoard scalars, progress bar and epoch log line."""
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 from torch.utils.data import DataLoader
 
@@ -16,14 +16,21 @@ log = logging.getLogger("hat")
 
 
 class EvalCallback(Callback):
-    """Evaluates every `interval` epochs and after the last one; results land in `trainer.metrics`."""
+    """Evaluates every `interval` epochs and after the last one; results land in `trainer.metrics`.
 
-    def __init__(self, loader: DataLoader, interval: int = 1):
-        self.loader, self.interval = loader, max(1, interval)
+    `context` wraps each evaluation (the QAT stage freezes observers there)."""
+
+    def __init__(self, loader: DataLoader, interval: int = 1,
+                 context: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.loader, self.interval, self.context = loader, interval, context
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        trainer.metrics = {}  # an epoch without evaluation reports no metrics, never the previous ones
 
     def after_epoch(self, trainer: Trainer) -> None:
         if trainer.epoch % self.interval == 0 or trainer.epoch == trainer.epochs or trainer.should_stop:
-            trainer.metrics = evaluate(trainer.model, self.loader, trainer.device)
+            with self.context():
+                trainer.metrics = evaluate(trainer.model, self.loader, trainer.device)
 
 
 class CheckpointCallback(Callback):
@@ -96,8 +103,7 @@ class ProgressCallback(Callback):
         if self.bar_enabled:
             from tqdm import tqdm
 
-            steps = math.ceil(len(trainer.train_loader) / trainer.accum_steps)
-            self.bar = tqdm(total=steps, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False)
+            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False)
 
     def after_step(self, trainer: Trainer) -> None:
         self.last_step = time.perf_counter()

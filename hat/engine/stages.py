@@ -5,14 +5,18 @@ float -> calibration -> qat -> int_infer (see STAGE_ORDER). A stage is a registe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Optional
+
+import torch
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 
 from hat.checkpoint import load_checkpoint, load_pretrained
 from hat.config import STAGE_ORDER, save_config, stage_config
@@ -20,7 +24,7 @@ from hat.data import build_dataset, build_loader
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
 from hat.engine.runtime import seed_everything, select_device
 from hat.engine.trainer import Trainer
-from hat.errors import ConfigError
+from hat.errors import CheckpointError, ConfigError
 from hat.models.zoo import report_pretrained
 from hat.registry import build, get, list_registered, register
 
@@ -40,9 +44,12 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
         raise ConfigError(f"stage '{stage}' is not available in this version of hat; available: {ready}")
     cfg = stage_config(cfg, stage)
     out_dir = Path(cfg.work_dir) / stage
-    if (out_dir / "last.pt").exists() and not resume and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run (last.pt); continue it with --resume, replace it with "
-                          f"--overwrite, or pick another work_dir=...")
+    previous = [name for name in ("last.pt", "best.pt") if (out_dir / name).exists()]
+    if previous and not resume:
+        if not overwrite:
+            raise ConfigError(f"{out_dir} already holds a run ({previous[0]}); continue it with --resume, replace it "
+                              f"with --overwrite, or pick another work_dir=...")
+        shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
     save_config(cfg, out_dir / "config.yaml")
     log.info("stage %s: writing to %s (TensorBoard: tensorboard --logdir %s)", stage, out_dir, out_dir / "tb")
     metrics = get(stage, kind="stage")(cfg, out_dir, resume)
@@ -56,35 +63,76 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return build(cfg.model, "model", kind=("model", "structure"))
 
 
-def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path) -> Trainer:
-    """Data, optimizer, schedule and the standard callbacks around `model`: shared by every training stage."""
+def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
+                  eval_context: Callable[[], ContextManager] = contextlib.nullcontext) -> Trainer:
+    """Data, optimizer, schedule and the standard callbacks around `model`: shared by every training stage.
+
+    The optimizer is built here, after the model is final (prepared for QAT), so it holds the right parameters."""
     device = select_device(cfg.trainer.device)
     model.to(device)
     train_loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed)
     val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     if cfg.optimizer is None:
         raise ConfigError("optimizer: missing; add `/optimizer: sgd` to the config's defaults or set optimizer.type")
+    check_model_fits_data(cfg, model, val_loader, device)
     optimizer = build(cfg.optimizer, "optimizer", kind="optimizer", params=model.parameters())
-    steps_per_epoch = math.ceil(len(train_loader) / max(1, cfg.trainer.accum_steps))
-    scheduler = (build(cfg.scheduler, "scheduler", kind="scheduler", optimizer=optimizer, epochs=cfg.trainer.epochs,
-                       steps_per_epoch=steps_per_epoch) if cfg.scheduler else None)
     t = cfg.trainer
-    callbacks = [EvalCallback(val_loader, t.eval_interval),
+    callbacks = [EvalCallback(val_loader, t.eval_interval, eval_context),
                  CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg)),
                  TensorBoardCallback(out_dir / "tb", t.log_interval),
                  ProgressCallback(t.progress_bar)]
-    return Trainer(model, optimizer, train_loader, t.epochs, scheduler, callbacks, device,
-                   t.clip_grad_norm, t.accum_steps, t.amp, t.log_interval)
+    trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,
+                      t.clip_grad_norm, t.accum_steps, t.amp, t.log_interval)
+    if cfg.scheduler:
+        trainer.scheduler = build(cfg.scheduler, "scheduler", kind="scheduler", optimizer=optimizer,
+                                  epochs=t.epochs, steps_per_epoch=trainer.steps_per_epoch)
+    return trainer
 
 
-def resume_trainer(trainer: Trainer, path: str | Path) -> None:
+def check_model_fits_data(cfg: DictConfig, model: nn.Module, loader: DataLoader, device: torch.device) -> None:
+    """One validation batch through the model, so a class-count or channel mismatch is a config error up front."""
+    images, targets = next(iter(loader))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images.to(device), targets.to(device))
+    except (RuntimeError, IndexError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"model '{cfg.model.type}' does not fit data '{cfg.data.val.type}' (images "
+                          f"{tuple(images.shape[1:])}, {getattr(loader.dataset, 'num_classes', '?')} classes): "
+                          f"{reason}. Check model.num_classes and model.in_channels") from None
+    finally:
+        model.train(was_training)
+
+
+def resume_trainer(trainer: Trainer, path: str | Path, cfg: DictConfig) -> None:
     """Restore a trainer and its checkpoint callback's best metric from `path`."""
     state = load_checkpoint(path, required=CHECKPOINT_KEYS)
-    trainer.load_state_dict(state)
+    _check_same_recipe(state, cfg, path)
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this model/optimizer ({reason})") from None
+    trainer.metrics = dict(state.get("metrics") or {})
     for callback in trainer.callbacks:
         if isinstance(callback, CheckpointCallback):
             callback.best = state.get("best_metric")
     log.info("resumed from %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
+
+
+def _check_same_recipe(state: dict, current: DictConfig, path: str | Path) -> None:
+    """Resuming with another model, optimizer or schedule cannot continue the same run: say which differs."""
+    if not state.get("config"):
+        return
+    saved = OmegaConf.create(state["config"])
+    differ = [key for key in ("model", "optimizer.type", "scheduler.type")
+              if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+    if differ:
+        raise CheckpointError(f"cannot resume from {path}: {', '.join(differ)} differ from the run that wrote it "
+                              f"(see its config.yaml); resume with the same config, or start a new run with "
+                              f"--overwrite or another work_dir")
 
 
 @register(kind="stage", name="float")
@@ -96,5 +144,5 @@ def float_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[s
         report_pretrained(cfg.pretrained, load_pretrained(model, cfg.pretrained))
     trainer = build_trainer(cfg, model, out_dir)
     if resume:
-        resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume)
+        resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg)
     return trainer.fit()

@@ -5,6 +5,7 @@ before_train -> [before_epoch -> (train step -> after_step)* -> after_epoch]* ->
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -41,7 +42,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.epochs, self.callbacks = train_loader, epochs, list(callbacks)
         self.device = torch.device(device)
-        self.clip_grad_norm, self.accum_steps, self.log_interval = clip_grad_norm, max(1, accum_steps), log_interval
+        self.clip_grad_norm, self.accum_steps, self.log_interval = clip_grad_norm, accum_steps, log_interval
         amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
@@ -65,18 +66,27 @@ class Trainer:
         return self.metrics
 
     def train_epoch(self) -> None:
-        last = len(self.train_loader) - 1
+        batches = len(self.train_loader)
+        group_loss = 0.0
         for i, (images, targets) in enumerate(self.train_loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
                 loss, _ = self.model(images, targets)
-            self.scaler.scale(loss / self.accum_steps if self.accum_steps > 1 else loss).backward()
+            group_start = i - i % self.accum_steps
+            group = min(self.accum_steps, batches - group_start)  # the last group of an epoch may be short
+            self.scaler.scale(loss / group if group > 1 else loss).backward()
+            group_loss = group_loss + loss.detach() / group
             self.images_seen += len(images)
-            if (i + 1) % self.accum_steps == 0 or i == last:
-                self.loss = loss.detach()
+            if i + 1 == group_start + group:
+                self.loss, group_loss = group_loss, 0.0
                 self.optimizer_step()
                 self._call("after_step")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (micro-batches grouped by `accum_steps`)."""
+        return math.ceil(len(self.train_loader) / self.accum_steps)
 
     def optimizer_step(self) -> None:
         """Unscale, measure/clip the gradient norm, step, zero grads, advance the schedule."""

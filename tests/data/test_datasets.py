@@ -19,6 +19,8 @@ def test_digits_split_is_fixed_disjoint_and_complete():
     again = DigitsDataset("train")
     assert torch.equal(train.images, again.images)
     assert len(torch.unique(torch.cat([train.labels, val.labels]))) == 10
+    assert not set(train.indices.tolist()) & set(val.indices.tolist())
+    assert sorted(train.indices.tolist() + val.indices.tolist()) == list(range(1797))
 
 
 def test_digits_split_seed_changes_the_split():

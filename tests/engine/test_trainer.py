@@ -1,4 +1,6 @@
 """The loop on the real digits config: learning, clipping, accumulation, AMP, TensorBoard, resume."""
+import json
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -10,7 +12,9 @@ from hat.data import build_loader
 from hat.data.datasets import DigitsDataset
 from hat.engine import Callback, Trainer
 from hat.models import Classifier
+from hat.engine.callbacks import CheckpointCallback
 from hat.engine.stages import build_model, build_trainer, float_stage, run_stage
+from hat.errors import CheckpointError, ConfigError
 
 
 def _trainer(cfg, tmp_path):
@@ -73,23 +77,26 @@ def test_grad_norm_only_measured_at_log_steps_without_clipping(digits_cfg, tmp_p
     assert recorder.points == ["before_train", "after_train"]
 
 
-def test_accumulation_matches_one_large_batch(digits_cfg):
-    """A model without BatchNorm: 2 micro-batches of 32 accumulated give the same step as one batch of 64."""
+@pytest.mark.parametrize("micro_batch,accum", [(32, 2), (32, 4)], ids=["even-groups", "short-last-group"])
+def test_accumulation_matches_one_large_batch(digits_cfg, micro_batch, accum):
+    """A model without BatchNorm: micro-batches accumulated give the same step as one batch of all 64 samples,
+    also when the epoch's last group is shorter than accum_steps (2 micro-batches for accum 4)."""
     cfg = digits_cfg()
     dataset = DigitsDataset("train")
     dataset.images, dataset.labels = dataset.images[:64], dataset.labels[:64]
     results = []
-    for batch, accum in ((64, 1), (32, 2)):
+    for batch, steps in ((64, 1), (micro_batch, accum)):
         torch.manual_seed(0)
         model = Classifier(nn.Flatten(), nn.Linear(64, 10))
         loader = build_loader(dataset, OmegaConf.merge(cfg.data, {"batch_size": batch}), train=False, seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        trainer = Trainer(model, optimizer, loader, epochs=1, accum_steps=accum)
+        trainer = Trainer(model, optimizer, loader, epochs=1, accum_steps=steps)
         trainer.fit()
         assert trainer.step == 1
-        results.append(model.head.weight.detach().clone())
-    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(results[0], Classifier(nn.Flatten(), nn.Linear(64, 10)).head.weight)
+        results.append((model.head.weight.detach().clone(), float(trainer.loss)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)  # the logged loss is the group's mean
+    assert not torch.equal(results[0][0], Classifier(nn.Flatten(), nn.Linear(64, 10)).head.weight)
 
 
 def test_accum_steps_count_optimizer_steps(digits_cfg, tmp_path):
@@ -134,10 +141,46 @@ def test_resume_ends_with_the_same_weights(digits_cfg, tmp_path, scheduler):
         assert torch.equal(value, resumed_weights[key]), key
 
 
-def test_best_checkpoint_keeps_the_best_metric(digits_cfg, tmp_path):
-    run_stage(digits_cfg("trainer.epochs=3"))
-    last = torch.load(tmp_path / "float" / "last.pt", weights_only=True)
-    best = torch.load(tmp_path / "float" / "best.pt", weights_only=True)
-    assert best["metrics"]["val/top1"] == last["best_metric"]
-    assert best["metrics"]["val/top1"] >= last["metrics"]["val/top1"]
-    assert last["epoch"] == 3 and last["step"] == 69
+def test_best_checkpoint_is_written_only_when_the_metric_improves(tmp_path):
+    class FakeTrainer:
+        epoch, metrics = 0, {}
+
+        def state_dict(self):
+            return {"epoch": self.epoch}
+
+    trainer, callback = FakeTrainer(), CheckpointCallback(tmp_path, "config: 1")
+    for epoch, top1 in enumerate([50.0, 70.0, 60.0], start=1):
+        trainer.epoch, trainer.metrics = epoch, {"val/top1": top1}
+        callback.after_epoch(trainer)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (best["epoch"], best["metrics"]["val/top1"]) == (2, 70.0)
+    assert (last["epoch"], last["metrics"]["val/top1"], last["best_metric"]) == (3, 60.0, 70.0)
+
+
+def test_eval_interval_reports_metrics_only_for_evaluated_epochs(digits_cfg, tmp_path):
+    run_stage(digits_cfg("trainer.epochs=3", "trainer.eval_interval=2"))
+    events = EventAccumulator(str(tmp_path / "float" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/top1")] == [46, 69]  # epoch 2, and the last epoch
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(digits_cfg, tmp_path):
+    cfg = digits_cfg("trainer.epochs=1")
+    first = run_stage(cfg)
+    assert run_stage(cfg, resume="auto") == first
+    assert json.loads((tmp_path / "float" / "metrics.json").read_text()) == first
+
+
+def test_resuming_with_another_model_names_what_differs(digits_cfg, tmp_path):
+    run_stage(digits_cfg("trainer.epochs=1"))
+    with pytest.raises(CheckpointError, match=r"last\.pt: model differ from the run that wrote it"):
+        run_stage(digits_cfg("trainer.epochs=2", "model.type=convnet_base"), resume="auto")
+    with pytest.raises(CheckpointError, match=r"optimizer\.type, scheduler\.type differ"):
+        run_stage(digits_cfg("trainer.epochs=2", "optimizer=adamw", "scheduler=onecycle"), resume="auto")
+
+
+def test_model_that_does_not_fit_the_data_is_a_config_error(digits_cfg):
+    with pytest.raises(ConfigError, match=r"model 'convnet_small' does not fit data 'DigitsDataset' \(images "
+                                          r"\(1, 8, 8\), 10 classes\).*Check model\.num_classes"):
+        run_stage(digits_cfg("model.num_classes=2"))

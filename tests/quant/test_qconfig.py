@@ -28,33 +28,33 @@ def test_unsupported_choices_name_the_allowed_values():
 
 
 def _model():
-    return create_model("convnet_small").deploy_model()  # 0: ConvNet (0.0 conv, 0.1 bn, ...), 1: head (1.2 fc)
+    return create_model("convnet_small")  # backbone.0.0 conv, backbone.0.1 bn, backbone.0.2 relu, ..., head.2 linear
 
 
 def test_priority_global_type_name_attribute():
     model = _model()
     qc8, qc16, out = (quant.get_default_qat_qconfig(), quant.get_default_qat_qconfig(activation_dtype="qint16"),
                       quant.get_default_qat_out_qconfig())
-    model[0][2][0].qconfig = None  # an attribute beats everything
+    model.backbone[2][0].qconfig = None  # an attribute beats everything
     resolved = quant.resolve_qconfigs(model, {"": qc8, "module_type": [(nn.Conv2d, qc16)],
-                                              "module_name": [("0.1.0", out), ("1", out)]})
-    assert resolved["0.0.0"] is qc16  # type over global
-    assert resolved["0.1.0"] is out  # name over type
-    assert resolved["0.0.1"] is qc8  # global
-    assert resolved["1.2"] is out  # inherited from the named parent
-    assert resolved["0.2.0"] is None
+                                              "module_name": [("backbone.1.0", out), ("head", out)]})
+    assert resolved["backbone.0.0"] is qc16  # type over global
+    assert resolved["backbone.1.0"] is out  # name over type
+    assert resolved["backbone.0.1"] is qc8  # global
+    assert resolved["head.2"] is out  # inherited from the named parent
+    assert resolved["backbone.2.0"] is None
 
 
 def test_faq_2_3_q5_module_name_given_as_an_index_is_an_error_naming_real_modules():
     qc = quant.get_default_qat_qconfig(activation_dtype="qint16")
     with pytest.raises(ValueError, match=r"module_name must be the module's dotted name as a string .* got int 2; "
-                                         r"modules named like it: 0\.2, 1\.2, 0\.0\.2"):
+                                         r"modules named like it: backbone\.2, head\.2, backbone\.0\.2"):
         quant.resolve_qconfigs(_model(), {"module_name": [(2, qc)]})
 
 
 def test_module_name_matching_nothing_lists_the_nearest_names():
-    with pytest.raises(ValueError, match=r"no module named '1\.fc' in the model; nearest names: 1\.2, 1\.1, 1\.0"):
-        quant.resolve_qconfigs(_model(), {"module_name": [("1.fc", None)]})
+    with pytest.raises(ValueError, match=r"no module named 'head\.fc' in the model; nearest names: head\.2, head\.1, head\.0"):
+        quant.resolve_qconfigs(_model(), {"module_name": [("head.fc", None)]})
 
 
 def test_malformed_qconfig_dict():
@@ -63,20 +63,20 @@ def test_malformed_qconfig_dict():
     with pytest.raises(ValueError, match="module_type entries take a module class"):
         quant.resolve_qconfigs(_model(), {"module_type": [("Conv2d", None)]})
     with pytest.raises(ValueError, match=r"\['module_name'\]\[0\] must be a \(target, qconfig\) pair"):
-        quant.resolve_qconfigs(_model(), {"module_name": ["1.2"]})
+        quant.resolve_qconfigs(_model(), {"module_name": ["head.2"]})
 
 
 def test_faq_2_3_q6_report_shows_int16_and_high_precision_layers():
     report = quant.qconfig_report(_model(), {"": quant.get_default_qat_qconfig(),
-                                             "module_name": [("0.2.0", quant.get_default_qat_qconfig(
+                                             "module_name": [("backbone.2.0", quant.get_default_qat_qconfig(
                                                  activation_dtype="qint16")),
-                                                 ("1.2", quant.get_default_qat_out_qconfig())]})
+                                                 ("head.2", quant.get_default_qat_out_qconfig())]})
     lines = {line.split()[0]: line.split(None, 2)[2] for line in report.splitlines()[1:]}
-    assert lines["0.2.0"].split() == ["qint16", "qint8"]
-    assert lines["1.2"].split() == ["qint32", "(high", "precision)", "qint8"]
-    assert lines["0.0.2"].split() == ["qint8", "-"]  # ReLU: no weight
-    assert quant.qconfig_report(_model(), None).splitlines()[1].split()[2:] == ["float", "(not", "quantized)",
-                                                                               "float"]
+    assert lines["backbone.2.0"].split() == ["qint16", "qint8"]
+    assert lines["head.2"].split() == ["qint32", "(high", "precision)", "qint8"]
+    assert lines["backbone.0.2"].split() == ["qint8", "-"]  # ReLU: no weight
+    unquantized = {line.split()[0]: line.split()[2:] for line in quant.qconfig_report(_model(), None).splitlines()}
+    assert unquantized["backbone.0.0"] == ["float", "(not", "quantized)", "float"]
 
 
 def test_march_switch_is_validated():
