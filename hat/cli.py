@@ -94,13 +94,14 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.runtime import select_device
+    from hat.engine.quant_stages import prepared_model
     from hat.engine.stages import build_model
     from hat.engine.trainer import evaluate
 
     cfg = _load(args)
     cfg = stage_config(cfg, cfg.stage)
     path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
-    model = build_model(cfg)
+    model = prepared_model(cfg) if cfg.stage in ("calibration", "qat") else build_model(cfg)
     try:
         model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
     except RuntimeError as exc:

@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from hat.errors import ConfigError
 
 STAGE_ORDER = ("float", "calibration", "qat", "int_infer")
+TYPED_SECTIONS = ("trainer", "data", "quant")
 _REPO_BASE = Path(__file__).resolve().parent.parent / "projects" / "_base_"
 
 
@@ -47,6 +48,21 @@ class DataSchema:
 
 
 @dataclasses.dataclass
+class QuantSchema:
+    """How the calibration and QAT stages quantize the deploy part of the model (module names as in
+    model.named_modules(), e.g. backbone.3.0 or head.2)."""
+
+    activation_dtype: str = "qint8"  # qint8 | qint16
+    algorithm: str = "fake_quant"  # fake_quant | lsq | pact
+    int16_modules: list = dataclasses.field(default_factory=list)  # outputs kept in int16
+    high_precision_outputs: list = dataclasses.field(default_factory=list)  # int32 outputs: model-output layers only
+    float_modules: list = dataclasses.field(default_factory=list)  # left unquantized
+    calibration_batches: int = 20  # training batches observed by the calibration stage
+    freeze_bn_epoch: Optional[int] = None  # QAT epoch from which batch-norm statistics stop updating
+    sgd_fallback_lr: float = 0.005  # QAT LR when the float recipe was adaptive/OneCycle and QAT sets no optimizer
+
+
+@dataclasses.dataclass
 class Schema:
     """The top level; `model`, `optimizer` and `scheduler` are `type:` mappings checked when built."""
 
@@ -55,6 +71,7 @@ class Schema:
     optimizer: Any = None
     scheduler: Any = None
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
+    quant: QuantSchema = dataclasses.field(default_factory=QuantSchema)
     work_dir: str = "work_dirs/default"
     seed: int = 0
     stage: str = "float"
@@ -92,7 +109,7 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     """
     schema = OmegaConf.structured(Schema)
     OmegaConf.set_struct(schema, False)  # free top-level keys (`+my_key=1`) are allowed ...
-    for typed in ("trainer", "data"):  # ... but the typed sections reject unknown keys
+    for typed in TYPED_SECTIONS:  # ... but the typed sections reject unknown keys
         OmegaConf.set_struct(schema[typed], True)
     try:
         merged = OmegaConf.merge(schema, cfg, *(m for m in more if m is not None))
@@ -101,7 +118,7 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
         key = getattr(exc, "full_key", None) or "?"
         section, _, name = key.rpartition(".")
         section = section.split(".")[-1]
-        known = list(schema[section].keys()) if section in ("trainer", "data") else []
+        known = list(schema[section].keys()) if section in TYPED_SECTIONS else []
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
         raise ConfigError(f"{source}: unknown key '{key}'.{hint} Known {section} keys: {', '.join(known)}") from None
@@ -113,7 +130,7 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     return merged
 
 
-_AT_LEAST = {"trainer.epochs": 1, "trainer.accum_steps": 1, "trainer.log_interval": 1, "trainer.eval_interval": 1,
+_AT_LEAST = {"quant.calibration_batches": 1, "trainer.epochs": 1, "trainer.accum_steps": 1, "trainer.log_interval": 1, "trainer.eval_interval": 1,
              "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
 
 

@@ -19,3 +19,7 @@ class CheckpointError(HatError):
 
 class DataError(HatError):
     """A dataset root or file is missing or malformed."""
+
+
+class UsageError(HatError):
+    """The library is called in a way that cannot work (e.g. an optimizer built before prepare_qat)."""

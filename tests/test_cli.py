@@ -43,8 +43,10 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
              ("--config", DIGITS, "trainer.epochz=1"): "error: override rejected: Could not override 'trainer.epochz'",
              ("--config", DIGITS, "model.type=resnet81", f"work_dir={tmp_path}"):
                  "error: model.type: unknown model or structure name 'resnet81'. Did you mean 'resnet18'",
+             ("--config", DIGITS, "--stage", "int_infer", f"work_dir={tmp_path}"):
+                 "error: stage 'int_infer' is not available in this version of hat; available: float, calibration, qat",
              ("--config", DIGITS, "--stage", "qat", f"work_dir={tmp_path}"):
-                 "error: stage 'qat' is not available in this version of hat; available: float",
+                 f"error: {tmp_path}/calibration/best.pt not found: run the calibration stage first",
              ("--config", DIGITS, "work_dir=/proc/hat"): "error: No such file or directory: /proc/hat",
              ("--config", DIGITS, "optimizer.lr=-1", f"work_dir={tmp_path}"):
                  "error: optimizer: SGD rejected its arguments: Invalid learning rate: -1",

@@ -83,7 +83,7 @@ def test_missing_defaults_entry(tmp_path):
 
 
 def test_stage_overrides_merge_over_the_top_level():
-    cfg = load_config(DIGITS, ["+stages.qat.optimizer.lr=0.001", "+stages.qat.trainer.epochs=3"])
+    cfg = load_config(DIGITS, ["stages.qat.optimizer.lr=0.001", "stages.qat.trainer.epochs=3"])
     qat = stage_config(cfg, "qat")
     assert (qat.stage, qat.optimizer.lr, qat.trainer.epochs) == ("qat", 0.001, 3)
     assert qat.optimizer.type == "SGD" and stage_config(cfg, "float").optimizer.lr == 0.05

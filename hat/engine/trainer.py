@@ -5,6 +5,7 @@ before_train -> [before_epoch -> (train step -> after_step)* -> after_epoch]* ->
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Iterable, Optional
 
@@ -14,6 +15,9 @@ from torch.utils.data import DataLoader
 
 from hat.data import start_epoch
 from hat.engine.runtime import rng_state, set_rng_state
+from hat.errors import UsageError
+
+log = logging.getLogger("hat")
 
 
 class Callback:
@@ -39,6 +43,7 @@ class Trainer:
                  callbacks: Iterable[Callback] = (), device: torch.device | str = "cpu",
                  clip_grad_norm: Optional[float] = None, accum_steps: int = 1, amp: bool = False,
                  log_interval: int = 10):
+        _check_optimizer_holds(model, optimizer)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.epochs, self.callbacks = train_loader, epochs, list(callbacks)
         self.device = torch.device(device)
@@ -133,6 +138,20 @@ class Trainer:
     def _call(self, point: str) -> None:
         for callback in self.callbacks:
             getattr(callback, point)(self)
+
+
+def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """FAQ 2.3 Q9: an optimizer built before prepare_qat holds the float model's parameters, so nothing trains."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if trainable and len(missing) == len(trainable):
+        raise UsageError("the optimizer holds none of the model's trainable parameters, so no weight would "
+                         "update. Was it built before prepare_qat (which returns a new model)? Build the optimizer "
+                         "from the prepared model's parameters")
+    if missing:
+        log.warning("the optimizer does not hold %d trainable parameters (%s): they will not update",
+                    len(missing), ", ".join(missing[:5]))
 
 
 @torch.no_grad()

@@ -45,13 +45,6 @@ def test_priority_global_type_name_attribute():
     assert resolved["backbone.2.0"] is None
 
 
-def test_faq_2_3_q5_module_name_given_as_an_index_is_an_error_naming_real_modules():
-    qc = quant.get_default_qat_qconfig(activation_dtype="qint16")
-    with pytest.raises(ValueError, match=r"module_name must be the module's dotted name as a string .* got int 2; "
-                                         r"modules named like it: backbone\.2, head\.2, backbone\.0\.2"):
-        quant.resolve_qconfigs(_model(), {"module_name": [(2, qc)]})
-
-
 def test_module_name_matching_nothing_lists_the_nearest_names():
     with pytest.raises(ValueError, match=r"no module named 'head\.fc' in the model; nearest names: head\.2, head\.1, head\.0"):
         quant.resolve_qconfigs(_model(), {"module_name": [("head.fc", None)]})
@@ -64,19 +57,6 @@ def test_malformed_qconfig_dict():
         quant.resolve_qconfigs(_model(), {"module_type": [("Conv2d", None)]})
     with pytest.raises(ValueError, match=r"\['module_name'\]\[0\] must be a \(target, qconfig\) pair"):
         quant.resolve_qconfigs(_model(), {"module_name": ["head.2"]})
-
-
-def test_faq_2_3_q6_report_shows_int16_and_high_precision_layers():
-    report = quant.qconfig_report(_model(), {"": quant.get_default_qat_qconfig(),
-                                             "module_name": [("backbone.2.0", quant.get_default_qat_qconfig(
-                                                 activation_dtype="qint16")),
-                                                 ("head.2", quant.get_default_qat_out_qconfig())]})
-    lines = {line.split()[0]: line.split(None, 2)[2] for line in report.splitlines()[1:]}
-    assert lines["backbone.2.0"].split() == ["qint16", "qint8"]
-    assert lines["head.2"].split() == ["qint32", "(high", "precision)", "qint8"]
-    assert lines["backbone.0.2"].split() == ["qint8", "-"]  # ReLU: no weight
-    unquantized = {line.split()[0]: line.split()[2:] for line in quant.qconfig_report(_model(), None).splitlines()}
-    assert unquantized["backbone.0.0"] == ["float", "(not", "quantized)", "float"]
 
 
 def test_march_switch_is_validated():

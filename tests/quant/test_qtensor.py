@@ -63,11 +63,3 @@ def test_unsupported_op_lists_what_is_supported():
     qat, _ = _pair()
     with pytest.raises(QuantizationError, match=r"sigmoid is not supported on a QTensor\. Supported: .*relu"):
         torch.sigmoid(qat)
-
-
-def test_a_high_precision_output_feeding_an_op_names_the_producer():
-    """FAQ 2.4 Q9: conv (int32 output) -> another op is not deployable; say which module and what to change."""
-    out = QTensor(torch.randn(2, 4), torch.ones(1), "qint32", producer="head.2")
-    with pytest.raises(QuantizationError, match=r"module 'head\.2' has a high-precision \(qint32\) output, but an "
-                                                r"op uses it.*Give 'head\.2' an int8/int16 qconfig"):
-        F.relu(out)

@@ -1,0 +1,147 @@
+"""The calibration and QAT stages: prepare the float model for QAT, observe ranges, train with fake quant."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hat.checkpoint import load_checkpoint, save_checkpoint
+from hat.config import save_config
+from hat.data import build_dataset, build_loader
+from hat.engine.runtime import seed_everything, select_device
+from hat.engine.stages import build_model, build_trainer, resume_trainer
+from hat.engine.trainer import Callback, Trainer, evaluate
+from hat.errors import CheckpointError, ConfigError
+from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,
+                       set_fake_quant_state)
+from hat.quant.qconfig import QConfig
+from hat.registry import register
+
+log = logging.getLogger("hat")
+ADAPTIVE_OPTIMIZERS = ("AdamW",)
+
+
+def qconfig_dict_from_config(cfg: DictConfig, model: nn.Module) -> dict:
+    """The `quant:` section as a qconfig_dict; parts outside the deploy model (loss, aux heads) stay float."""
+    q = cfg.quant
+    try:
+        base = get_default_qat_qconfig(activation_dtype=q.activation_dtype, algorithm=q.algorithm)
+        special: list[tuple[str, Optional[QConfig]]] = (
+            [(n, get_default_qat_qconfig(activation_dtype="qint16", algorithm=q.algorithm)) for n in q.int16_modules]
+            + [(n, get_default_qat_out_qconfig(algorithm=q.algorithm)) for n in q.high_precision_outputs]
+            + [(n, None) for n in q.float_modules])
+    except ValueError as exc:
+        raise ConfigError(f"quant: {exc}") from None
+    names = {name for name, _ in model.named_modules()}
+    for key in ("int16_modules", "high_precision_outputs", "float_modules"):
+        for name in q[key]:
+            if name not in names:
+                close = difflib.get_close_matches(str(name), sorted(names), n=3, cutoff=0.5)
+                raise ConfigError(f"quant.{key}: no module named '{name}' in the model"
+                                  + (f"; nearest: {', '.join(close)}" if close else "")
+                                  + " (names as printed by model.named_modules())")
+    outside = [(name, None) for name in getattr(model, "NON_DEPLOY", ()) if name in names]
+    return {"": base, "module_name": special + outside}
+
+
+@contextlib.contextmanager
+def fake_quant_state(model: nn.Module, state: str, restore: str) -> Iterator[None]:
+    set_fake_quant_state(model, state)
+    try:
+        yield
+    finally:
+        set_fake_quant_state(model, restore)
+
+
+def _previous_weights(cfg: DictConfig, stage: str) -> Path:
+    path = Path(cfg.work_dir) / stage / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run the {stage} stage first "
+                              f"(tools/train.py --config ... --stage {stage})")
+    return path
+
+
+def prepared_model(cfg: DictConfig) -> nn.Module:
+    """The zoo model of `cfg`, prepared for QAT with the `quant:` section, fake quant in validation state."""
+    model = build_model(cfg)
+    model = prepare_qat(model, qconfig_dict_from_config(cfg, model))
+    set_fake_quant_state(model, "validation")
+    return model
+
+
+@register(kind="stage", name="calibration")
+def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
+    """Float weights -> prepare -> observers only (no fake quant, no gradients) over N batches -> evaluate."""
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    model = build_model(cfg)
+    source = _previous_weights(cfg, "float")
+    model.load_state_dict(load_checkpoint(source, required=("model",))["model"])
+    model = prepare_qat(model, qconfig_dict_from_config(cfg, model))
+    device = select_device(cfg.trainer.device)
+    model.to(device).eval()  # batch norm uses its running statistics, as deployed
+    loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed)
+    set_fake_quant_state(model, "calibration")
+    seen = 0
+    with torch.no_grad():
+        for seen, (images, _) in enumerate(loader, start=1):
+            model(images.to(device))
+            if seen == cfg.quant.calibration_batches:
+                break
+    set_fake_quant_state(model, "validation")
+    val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    metrics = evaluate(model, val_loader, device)
+    log.info("calibrated on %d batches from %s", seen, source)
+    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg), "metrics": metrics}
+    save_checkpoint(state, out_dir / "best.pt")
+    return metrics
+
+
+@register(kind="stage", name="qat")
+def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
+    """Calibrated model -> fake-quant training; the optimizer is built after prepare, from the QAT model."""
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    model = prepared_model(cfg)
+    if not resume:
+        source = _previous_weights(cfg, "calibration")
+        model.load_state_dict(load_checkpoint(source, required=("model",))["model"])
+    cfg = _sgd_fallback(cfg)
+    save_config(cfg, out_dir / "config.yaml")  # the recipe QAT really runs with
+    set_fake_quant_state(model, "qat")
+    trainer = build_trainer(cfg, model, out_dir, lambda: fake_quant_state(model, "validation", restore="qat"))
+    if cfg.quant.freeze_bn_epoch is not None:
+        trainer.callbacks.insert(0, _FreezeBN(cfg.quant.freeze_bn_epoch))
+    if resume:
+        resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg)
+    return trainer.fit()
+
+
+class _FreezeBN(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        if trainer.epoch >= self.epoch:
+            freeze_bn(trainer.model)
+
+
+def _sgd_fallback(cfg: DictConfig) -> DictConfig:
+    """FAQ 2.3 Q4: OneCycle or adaptive optimizers destabilise QAT; unless stages.qat sets an optimizer, use SGD."""
+    own = (cfg.stages or {}).get("qat") or {}
+    adaptive = cfg.optimizer.type in ADAPTIVE_OPTIMIZERS
+    onecycle = cfg.scheduler is not None and cfg.scheduler.type == "OneCycleLR"
+    if "optimizer" in own or not (adaptive or onecycle):
+        return cfg
+    replaced = "OneCycleLR" if onecycle else cfg.optimizer.type
+    cfg = cfg.copy()
+    cfg.optimizer = {"type": "SGD", "lr": cfg.quant.sgd_fallback_lr, "momentum": 0.9,
+                     "weight_decay": cfg.optimizer.get("weight_decay", 0.0)}
+    cfg.scheduler = {"type": "CosineLR"}
+    log.warning("QAT: the float recipe used %s; QAT uses SGD(lr=%g, momentum=0.9) with a cosine schedule instead "
+                "(set stages.qat.optimizer to choose your own)", replaced, cfg.quant.sgd_fallback_lr)
+    return cfg

@@ -1,0 +1,91 @@
+"""Fusion: conv/linear + batch norm (+ relu/relu6) become one FusedLayer, which prepare_qat turns into one
+QAT layer that folds the batch norm into the weights (the deployed conv has no separate BN).
+
+Eager models are fused where the pattern sits in an nn.Sequential (the zoo's ConvBNAct) or where named
+explicitly with `fuse_modules(model, [["conv", "bn", "relu"]])`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import nn
+
+WEIGHTED = (nn.Conv2d, nn.Linear)
+NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
+class FusedLayer(nn.Module):
+    """Float conv/linear -> optional batch norm -> optional relu/relu6, as one module (same float result)."""
+
+    def __init__(self, layer: nn.Module, bn: Optional[nn.Module] = None, activation: Optional[str] = None):
+        super().__init__()
+        self.layer, self.bn, self.activation = layer, bn, activation
+
+    def forward(self, x):
+        x = self.layer(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.activation == "relu":
+            x = nn.functional.relu(x)
+        elif self.activation == "relu6":
+            x = nn.functional.relu6(x)
+        return x
+
+
+def _fusable(modules: Sequence[nn.Module]) -> int:
+    """How many of `modules` (from the start) form a fusable pattern: 0, 1 (layer alone), 2 or 3."""
+    if not modules or type(modules[0]) not in WEIGHTED:
+        return 0
+    count = 1
+    if count < len(modules) and type(modules[count]) is NORMS[type(modules[0])]:
+        count += 1
+    if count < len(modules) and type(modules[count]) in ACTIVATIONS:
+        count += 1
+    return count
+
+
+def _fused(modules: Sequence[nn.Module]) -> FusedLayer:
+    layer, rest = modules[0], list(modules[1:])
+    bn = rest.pop(0) if rest and isinstance(rest[0], (nn.BatchNorm1d, nn.BatchNorm2d)) else None
+    return FusedLayer(layer, bn, ACTIVATIONS[type(rest[0])] if rest else None)
+
+
+def fuse_sequential_patterns(model: nn.Module) -> nn.Module:
+    """Fuse every layer [+ bn] [+ relu] run inside nn.Sequential containers, in place."""
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        i = 0
+        while i < len(children):
+            count = _fusable([m for _, m in children[i:]])
+            if count >= 2:
+                setattr(module, children[i][0], _fused([m for _, m in children[i:i + count]]))
+                for name, _ in children[i + 1:i + count]:
+                    setattr(module, name, nn.Identity())
+            i += max(count, 1)
+    return model
+
+
+def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
+    """Fuse explicitly named groups, e.g. [["conv1", "bn1", "relu1"]], in place; a bad group is an error."""
+    named = dict(model.named_modules())
+    for group in groups:
+        missing = [name for name in group if name not in named]
+        if missing:
+            raise ValueError(f"fuse_modules: no module named {', '.join(missing)} in {type(model).__name__}")
+        modules = [named[name] for name in group]
+        if _fusable(modules) != len(modules):
+            kinds = " + ".join(type(m).__name__ for m in modules)
+            raise ValueError(f"fuse_modules: {kinds} ({', '.join(group)}) is not fusable; supported: Conv2d + "
+                             f"BatchNorm2d [+ ReLU/ReLU6], Linear + BatchNorm1d [+ ReLU/ReLU6], Conv2d/Linear + ReLU")
+        _set(model, group[0], _fused(modules))
+        for name in group[1:]:
+            _set(model, name, nn.Identity())
+    return model
+
+
+def _set(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)

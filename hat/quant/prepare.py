@@ -1,0 +1,82 @@
+"""prepare_qat (eager mode): copy, fuse, resolve qconfigs, swap float modules for QAT modules."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from hat.quant.fake_quantize import set_fake_quant_state
+from hat.quant.fuse import FusedLayer, fuse_sequential_patterns
+from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub
+from hat.quant.qconfig import QConfig, get_default_qat_qconfig, resolve_qconfigs
+from hat.quant.qtensor import QuantizationError
+from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+
+def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None, inplace: bool = False) -> nn.Module:
+    """The QAT version of `model`: layers fused (BN folded), fake quant on weights and outputs, state "qat".
+
+    qconfig_dict None means the default int8 qconfig everywhere. Build the optimizer after this call: the QAT
+    model's parameters are the ones to train.
+    """
+    if qconfig_dict is None:
+        qconfig_dict = {"": get_default_qat_qconfig()}
+    model = model if inplace else copy_model(model)
+    _refuse_subclassed_layers(model, resolve_qconfigs(model, qconfig_dict))
+    fuse_sequential_patterns(model)
+    qconfigs = resolve_qconfigs(model, qconfig_dict)
+    swapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in swapped) or qconfigs.get(name) is None:
+            continue
+        qat = _qat_module(module, qconfigs[name])
+        if qat is not None:
+            qat.hat_name = name
+            _replace(model, name, qat)
+            swapped.append(name)
+    set_fake_quant_state(model, "qat")
+    return model
+
+
+def _qat_module(module: nn.Module, qconfig: QConfig) -> Optional[nn.Module]:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        module = FusedLayer(module)
+    if isinstance(module, FusedLayer):
+        return (QATConv2d if isinstance(module.layer, nn.Conv2d) else QATLinear)(module, qconfig)
+    if isinstance(module, QuantStub):
+        return QATQuantStub(qconfig)
+    if isinstance(module, DeQuantStub):
+        return QATDeQuantStub()
+    if isinstance(module, FloatFunctional):
+        return QATFloatFunctional(qconfig)
+    return None
+
+
+def _refuse_subclassed_layers(model: nn.Module, qconfigs: dict) -> None:
+    """FAQ 2.4 Q4: a subclass of nn.Conv2d/nn.Linear with its own forward would lose that forward's extra ops."""
+    for name, module in model.named_modules():
+        base = next((b for b in (nn.Conv2d, nn.Linear) if isinstance(module, b)), None)
+        if base is None or type(module) is base or qconfigs.get(name) is None:
+            continue
+        if type(module).forward is not base.forward:
+            raise QuantizationError(
+                f"module '{name}' ({type(module).__name__}) subclasses nn.{base.__name__} and overrides forward; "
+                f"its QAT version would drop the extra ops of that forward. Hold the layer as a submodule instead "
+                f"(self.conv = nn.{base.__name__}(...); call self.conv(x) in forward), or give '{name}' qconfig None")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also works when the model holds non-leaf tensors (FAQ 2.4 Q3): they are copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)

@@ -1,0 +1,146 @@
+"""QAT modules: what prepare_qat swaps in. Each produces a QTensor (fake-quantized values + scale + dtype).
+
+A weighted layer folds its batch norm into the weight before the weight fake quant, exactly as the deployed
+conv will hold it; in training mode the batch norm still normalizes with batch statistics (and updates its
+running statistics), in eval mode or with frozen BN it uses the running statistics, i.e. the deployed arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hat.quant.fuse import FusedLayer
+from hat.quant.qconfig import QConfig
+from hat.quant.qtensor import QTensor, QuantizationError, as_qtensor, dequantize
+
+
+class _Named(nn.Module):
+    hat_name = ""  # the module's name in the prepared model, for error messages
+
+    def _output(self, fake_quant: nn.Module, y: torch.Tensor) -> QTensor:
+        return QTensor(fake_quant(y), fake_quant.scale, fake_quant.dtype, self.hat_name)
+
+    def _input(self, x) -> torch.Tensor:
+        return as_qtensor(x, self.hat_name)._plain_op().dequantize()
+
+
+class QATQuantStub(_Named):
+    def __init__(self, qconfig: QConfig):
+        super().__init__()
+        if qconfig.activation is None:
+            raise QuantizationError("a QuantStub needs an activation qconfig (int8/int16), not a high-precision one")
+        self.activation_post_process = qconfig.activation()
+
+    def forward(self, x):
+        return x if isinstance(x, QTensor) else self._output(self.activation_post_process, x)
+
+
+class QATDeQuantStub(_Named):
+    def forward(self, x):
+        return dequantize(x)
+
+
+class QATFloatFunctional(_Named):
+    """Tensor-tensor arithmetic on QTensors, with the output scale observed by its own fake quant."""
+
+    def __init__(self, qconfig: QConfig):
+        super().__init__()
+        if qconfig.activation is None:
+            raise QuantizationError("a FloatFunctional needs an activation qconfig (int8/int16), not a "
+                                    "high-precision one")
+        self.activation_post_process = qconfig.activation()
+
+    def add(self, x, y):
+        return self._output(self.activation_post_process, self._input(x) + self._input(y))
+
+    def sub(self, x, y):
+        return self._output(self.activation_post_process, self._input(x) - self._input(y))
+
+    def mul(self, x, y):
+        return self._output(self.activation_post_process, self._input(x) * self._input(y))
+
+    def add_scalar(self, x, value: float):
+        return self._output(self.activation_post_process, self._input(x) + value)
+
+    def mul_scalar(self, x, value: float):
+        return self._output(self.activation_post_process, self._input(x) * value)
+
+    def cat(self, tensors: Sequence, dim: int = 0):
+        return self._output(self.activation_post_process, torch.cat([self._input(t) for t in tensors], dim))
+
+
+class _QATWeighted(_Named):
+    def __init__(self, fused: FusedLayer, qconfig: QConfig):
+        super().__init__()
+        self.layer, self.bn, self.activation = fused.layer, fused.bn, fused.activation
+        self.weight_fake_quant = qconfig.weight()
+        # no activation fake quant = high-precision (qint32) output, as the reference toolchain prints it
+        self.activation_post_process = qconfig.activation() if qconfig.activation else None
+        self.bn_frozen = False
+
+    def forward(self, x) -> QTensor:
+        inp = self._input(x)
+        if self.bn is None:
+            y = self._compute(inp, self.weight_fake_quant(self.layer.weight), self.layer.bias)
+        else:
+            factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+            weight = self.weight_fake_quant(self.layer.weight * self._per_channel(factor, self.layer.weight))
+            y = self._compute(inp, weight, None)
+            y = y / self._per_channel(factor, y, axis=1)
+            if self.layer.bias is not None:
+                y = y + self._per_channel(self.layer.bias, y, axis=1)
+            y = self.bn(y)
+        if self.activation == "relu":
+            y = F.relu(y)
+        elif self.activation == "relu6":
+            y = F.relu6(y)
+        if self.activation_post_process is None:
+            return QTensor(y, torch.ones(1, device=y.device), "qint32", self.hat_name)
+        return self._output(self.activation_post_process, y)
+
+    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The float weight and bias the deployed layer computes with: batch norm folded in (running stats)."""
+        weight, bias = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return weight.detach(), None if bias is None else bias.detach()
+        factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        base = bias if bias is not None else torch.zeros_like(self.bn.running_mean)
+        folded_bias = self.bn.bias + (base - self.bn.running_mean) * factor
+        return (weight * self._per_channel(factor, weight)).detach(), folded_bias.detach()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn is not None and self.bn_frozen:
+            self.bn.eval()  # frozen: running statistics, no updates
+        return self
+
+    @staticmethod
+    def _per_channel(values: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        shape = [1] * like.ndim
+        shape[axis] = -1
+        return values.reshape(shape)
+
+
+class QATConv2d(_QATWeighted):
+    def _compute(self, x, weight, bias):
+        conv = self.layer
+        if conv.padding_mode != "zeros":
+            raise QuantizationError(f"'{self.hat_name}': padding_mode='{conv.padding_mode}' is not supported on J5")
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class QATLinear(_QATWeighted):
+    def _compute(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+
+def freeze_bn(model: nn.Module) -> nn.Module:
+    """Stop batch-norm statistics updates in every QAT layer (late in QAT, so the folded weights settle)."""
+    for module in model.modules():
+        if isinstance(module, _QATWeighted):
+            module.bn_frozen = True
+            module.train(module.training)
+    return model

@@ -1,0 +1,53 @@
+"""float -> calibration -> qat on the digits project, as a user runs them."""
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from hat.cli import predict_main
+from hat.engine.stages import run_stage
+from hat.errors import CheckpointError, ConfigError
+from tests.conftest import DIGITS
+
+
+def test_calibration_then_qat_keeps_float_accuracy(digits_cfg, tmp_path, capsys):
+    float_metrics = run_stage(digits_cfg("stage=float"))
+    calibrated = run_stage(digits_cfg("stage=calibration"))
+    qat = run_stage(digits_cfg("stage=qat"))
+    assert float_metrics["val/top1"] >= 97.0
+    assert calibrated["val/top1"] >= float_metrics["val/top1"] - 2.0
+    assert qat["val/top1"] >= float_metrics["val/top1"] - 0.5
+    state = torch.load(tmp_path / "qat" / "best.pt", weights_only=True)
+    assert "head.2.weight_fake_quant.scale" in state["model"]
+    assert predict_main(["--config", str(DIGITS), "--stage", "qat", f"work_dir={tmp_path}"]) == 0
+    assert f"qat {tmp_path}/qat/best.pt: val/loss" in capsys.readouterr().out
+
+
+def test_qat_falls_back_to_sgd_after_an_adaptive_float_recipe(digits_cfg, tmp_path, caplog):
+    common = ("optimizer=adamw", "optimizer.lr=0.003", "trainer.epochs=2", "~stages.qat.optimizer")
+    run_stage(digits_cfg("stage=float", *common))
+    run_stage(digits_cfg("stage=calibration", *common))
+    with caplog.at_level(logging.WARNING, logger="hat"):
+        run_stage(digits_cfg("stage=qat", *common))
+    assert "QAT: the float recipe used AdamW; QAT uses SGD(lr=0.005, momentum=0.9)" in caplog.text
+    used = OmegaConf.load(tmp_path / "qat" / "config.yaml")
+    assert (used.optimizer.type, used.optimizer.lr, used.scheduler.type) == ("SGD", 0.005, "CosineLR")
+
+
+def test_qat_keeps_its_own_optimizer_when_stages_qat_sets_one(digits_cfg, tmp_path):
+    run_stage(digits_cfg("stage=float", "trainer.epochs=1", "optimizer=adamw", "optimizer.lr=0.003"))
+    run_stage(digits_cfg("stage=calibration", "optimizer=adamw"))
+    run_stage(digits_cfg("stage=qat", "optimizer=adamw", "stages.qat.trainer.epochs=1"))
+    assert OmegaConf.load(tmp_path / "qat" / "config.yaml").optimizer.type == "AdamW"
+
+
+def test_stage_order_and_config_mistakes(digits_cfg, tmp_path):
+    with pytest.raises(CheckpointError, match=r"float/best\.pt not found: run the float stage first"):
+        run_stage(digits_cfg("stage=calibration"))
+    run_stage(digits_cfg("stage=float", "trainer.epochs=1"))
+    with pytest.raises(ConfigError, match=r"quant\.int16_modules: no module named 'backbone\.9' in the model; "
+                                          r"nearest: backbone\.2, backbone\.1, backbone\.0"):
+        run_stage(digits_cfg("stage=calibration", "quant.int16_modules=[backbone.9]"))
+    with pytest.raises(ConfigError, match="quant: activation_dtype must be one of qint8, qint16"):
+        run_stage(digits_cfg("stage=calibration", "quant.activation_dtype=qint4"))

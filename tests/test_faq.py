@@ -1,0 +1,138 @@
+"""Each question of the seed FAQ (sections 2.3 and 2.4) that concerns the quantization API: the case either
+works here or ends in a message that says what to change. The FAQ number is in each test's name."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hat import quant
+from hat.engine import Trainer
+from hat.errors import UsageError
+from hat.models import create_model
+from hat.quant import QuantizationError
+
+
+def _qat(model, **qconfig_dict):
+    return quant.prepare_qat(model, {"": quant.get_default_qat_qconfig(), **qconfig_dict})
+
+
+def test_faq_2_3_q2_qconfig_choices_outside_the_march_are_refused():
+    with pytest.raises(ValueError, match="activation_dtype must be one of qint8, qint16 on march 'bayes'"):
+        quant.get_default_qat_qconfig(activation_dtype="qint4")
+    with pytest.raises(ValueError, match="algorithm must be one of fake_quant, lsq, pact"):
+        quant.get_default_qat_qconfig(algorithm="adaround")
+
+
+def test_faq_2_3_q5_module_name_given_as_an_index_is_an_error_naming_real_modules():
+    qc16 = quant.get_default_qat_qconfig(activation_dtype="qint16")
+    with pytest.raises(ValueError, match=r"module_name must be the module's dotted name as a string .* got int 2; "
+                                         r"modules named like it: backbone\.2, head\.2, backbone\.0\.2"):
+        quant.prepare_qat(create_model("convnet_small"), {"": qc16, "module_name": [(2, qc16)]})
+
+
+def test_faq_2_3_q6_printed_qat_model_and_report_show_high_precision_layers():
+    qat = _qat(create_model("convnet_small"), module_name=[("head.2", quant.get_default_qat_out_qconfig())])
+    assert "activation_post_process" not in dict(qat.head[2].named_children())
+    assert isinstance(qat.backbone[0][0].activation_post_process, quant.FakeQuantize)
+    assert "(activation_post_process): FakeQuantize(" in repr(qat.backbone[0][0])
+    report = quant.qconfig_report(create_model("convnet_small"), {
+        "": quant.get_default_qat_qconfig(),
+        "module_name": [("backbone.2.0", quant.get_default_qat_qconfig(activation_dtype="qint16")),
+                        ("head.2", quant.get_default_qat_out_qconfig())]})
+    rows = {line.split()[0]: line.split()[2:] for line in report.splitlines()[1:]}
+    assert rows["backbone.2.0"] == ["qint16", "qint8"]
+    assert rows["head.2"] == ["qint32", "(high", "precision)", "qint8"]
+    assert rows["backbone.0.2"] == ["qint8", "-"]  # ReLU: no weight
+
+
+def test_faq_2_3_q7_auxiliary_branches_and_losses_stay_float():
+    from hat.engine.quant_stages import qconfig_dict_from_config
+    from tests.conftest import DIGITS
+    from hat.config import load_config
+
+    model = create_model("convnet_small")
+    model.aux_heads.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)))
+    qat = quant.prepare_qat(model, qconfig_dict_from_config(load_config(DIGITS), model))
+    assert isinstance(qat.aux_heads[0][2], nn.Linear) and isinstance(qat.loss, nn.CrossEntropyLoss)
+    qat.train()
+    loss, _ = qat(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert qat.aux_heads[0][2].weight.grad is not None
+
+
+def test_faq_2_3_q9_an_optimizer_built_before_prepare_is_an_error():
+    model = create_model("convnet_small")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    qat = _qat(model)
+    with pytest.raises(UsageError, match="the optimizer holds none of the model's trainable parameters.*built "
+                                         "before prepare_qat"):
+        Trainer(qat, optimizer, train_loader=None, epochs=1)
+
+
+class Constants(nn.Module):
+    """The FAQ's model shapes: float constants, -x, 1 - x and x[0] on quantized activations."""
+
+    def __init__(self, expression):
+        super().__init__()
+        self.quant, self.dequant = quant.QuantStub(), quant.DeQuantStub()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.expression = expression
+
+    def forward(self, x):
+        return self.dequant(self.expression(self.conv(self.quant(x))))
+
+
+@pytest.mark.parametrize("faq,expression", [
+    ("2_3_q10_float_constant", lambda x: x + 1e-4),
+    ("2_4_q11_index", lambda x: x[0]),
+    ("2_4_q12_neg", lambda x: -x),
+    ("2_4_q13_rsub", lambda x: 1 - x),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_faq_python_expressions_on_quantized_activations_work_in_eager_qat(faq, expression):
+    torch.manual_seed(0)
+    model = Constants(expression)
+    x = torch.randn(2, 1, 6, 6)
+    qat = _qat(model)
+    qat.train()
+    out = qat(x)
+    out.sum().backward()
+    assert qat.conv.layer.weight.grad is not None
+    expected = expression(model.conv(x))
+    assert out.shape == expected.shape
+    step = qat.conv.activation_post_process.scale.item()
+    inside = expected.abs() <= 127 * step  # x + c keeps x's scale, so it saturates at x's range, like the device
+    assert inside.float().mean() > 0.6
+    assert (out - expected)[inside].abs().max() <= 1.5 * step  # within quantization error of the float result
+    assert set(torch.round(out[~inside] / step).abs().tolist()) <= {127.0, 128.0}  # saturated at the range's ends
+
+
+def test_faq_2_4_q3_non_leaf_tensors_do_not_break_prepare():
+    model = create_model("convnet_small")
+    model.cached = model.head[2].weight * 2  # a non-leaf tensor held by the model
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    qat = quant.prepare_qat(model)  # inplace=False works
+    assert qat is not model and not qat.cached.requires_grad
+
+
+def test_faq_2_4_q4_a_subclassed_conv_with_its_own_forward_is_refused_with_the_fix():
+    class Conv1d(nn.Conv2d):
+        def forward(self, x):
+            return torch.squeeze(super().forward(torch.unsqueeze(x, -2)), -2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.conv = quant.QuantStub(), Conv1d(2, 2, (1, 3))
+
+    with pytest.raises(QuantizationError, match=r"module 'conv' \(Conv1d\) subclasses nn\.Conv2d and overrides "
+                                                r"forward.*Hold the layer as a submodule"):
+        quant.prepare_qat(Net())
+
+
+def test_faq_2_4_q9_a_high_precision_output_feeding_another_op_names_the_module():
+    qat = _qat(create_model("convnet_small"), module_name=[("backbone.2.0", quant.get_default_qat_out_qconfig())])
+    with pytest.raises(QuantizationError, match=r"module 'backbone\.2\.0' has a high-precision \(qint32\) output, "
+                                                r"but an op uses it.*Give 'backbone\.2\.0' an int8/int16 qconfig"):
+        qat(torch.randn(2, 1, 8, 8))
