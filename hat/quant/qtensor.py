@@ -28,7 +28,9 @@ class QuantizationError(RuntimeError):
 class QTensor:
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = ""):
         current_profile().qrange(dtype)  # validates the dtype
-        self.data, self.scale, self.dtype, self.producer = data, scale.reshape(1), dtype, producer
+        if scale.numel() > 1 and dtype != "qint32":
+            raise QuantizationError("only a high-precision (qint32) QTensor has a per-channel scale")
+        self.data, self.scale, self.dtype, self.producer = data, scale.reshape(-1), dtype, producer
 
     # --- what it is -----------------------------------------------------------------------------------------
     @property
@@ -41,7 +43,10 @@ class QTensor:
         return 1 if self.is_quantized else self.scale.detach()
 
     def dequantize(self) -> torch.Tensor:
-        return self.data.float() * self.scale if self.is_quantized else self.data
+        if not self.is_quantized:
+            return self.data
+        scale = self.scale.view(1, -1, *[1] * (self.data.ndim - 2)) if self.scale.numel() > 1 else self.scale
+        return (self.data.double() * scale.double()).float()  # float64 keeps int32 values exact
 
     def int_repr(self) -> torch.Tensor:
         return self.data if self.is_quantized else round_half_up(self.data.detach() / self.scale.detach()).long()

@@ -5,7 +5,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from hat import quant
 from hat.cli import predict_main
+from hat.data import build_dataset, build_loader
+from hat.engine.quant_stages import prepared_model
 from hat.engine.stages import run_stage
 from hat.errors import CheckpointError, ConfigError
 from tests.conftest import DIGITS
@@ -20,6 +23,7 @@ def test_calibration_then_qat_keeps_float_accuracy(digits_cfg, tmp_path, capsys)
     assert qat["val/top1"] >= float_metrics["val/top1"] - 0.5
     state = torch.load(tmp_path / "qat" / "best.pt", weights_only=True)
     assert "head.2.weight_fake_quant.scale" in state["model"]
+    _quantized_agrees_with_qat(digits_cfg("stage=qat"), tmp_path / "qat" / "best.pt")
     assert predict_main(["--config", str(DIGITS), "--stage", "qat", f"work_dir={tmp_path}"]) == 0
     assert f"qat {tmp_path}/qat/best.pt: val/loss" in capsys.readouterr().out
 
@@ -51,3 +55,19 @@ def test_stage_order_and_config_mistakes(digits_cfg, tmp_path):
         run_stage(digits_cfg("stage=calibration", "quant.int16_modules=[backbone.9]"))
     with pytest.raises(ConfigError, match="quant: activation_dtype must be one of qint8, qint16"):
         run_stage(digits_cfg("stage=calibration", "quant.activation_dtype=qint4"))
+
+
+def _quantized_agrees_with_qat(cfg, checkpoint):
+    qat = prepared_model(cfg)
+    qat.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    qmodel = quant.convert(qat.eval())
+    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=0)
+    agree = correct_qat = correct_int = 0
+    with torch.no_grad():
+        for images, targets in loader:
+            a, b = qat(images).argmax(1), qmodel(images).argmax(1)
+            agree += int((a == b).sum())
+            correct_qat, correct_int = correct_qat + int((a == targets).sum()), correct_int + int((b == targets).sum())
+    total = len(loader.dataset)
+    assert agree / total >= 0.97
+    assert abs(correct_qat - correct_int) / total <= 0.01

@@ -1,0 +1,45 @@
+"""convert: a QAT model -> the quantized model (integer weights and J5 integer arithmetic)."""
+from __future__ import annotations
+
+from torch import nn
+
+from hat.quant.prepare import _replace, copy_model
+from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATQuantStub, _QATWeighted
+from hat.quant.quantized import (QuantizedConv2d, QuantizedDeQuantStub, QuantizedFloatFunctional, QuantizedLinear,
+                                 QuantizedQuantStub)
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Swap every QAT module for its quantized version, in eval mode. Run the result on float input: its
+    QuantStub quantizes, its DeQuantStub returns float; in between everything is integer."""
+    model = model if inplace else copy_model(model)
+    swapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in swapped):
+            continue
+        quantized = _quantized_module(module)
+        if quantized is not None:
+            if not name:
+                raise ValueError("convert: the model itself is a QAT layer; convert the model that contains it")
+            quantized.hat_name = name
+            _replace(model, name, quantized)
+            swapped.append(name)
+    return model.eval()
+
+
+def _quantized_module(module: nn.Module):
+    if isinstance(module, QATQuantStub):
+        fq = module.activation_post_process
+        return QuantizedQuantStub(fq.scale, fq.dtype)
+    if isinstance(module, QATDeQuantStub):
+        return QuantizedDeQuantStub()
+    if isinstance(module, QATFloatFunctional):
+        fq = module.activation_post_process
+        return QuantizedFloatFunctional(fq.scale, fq.dtype)
+    if isinstance(module, _QATWeighted):
+        weight, bias = module.deploy_weight_and_bias()
+        fq = module.activation_post_process
+        cls = QuantizedConv2d if isinstance(module, QATConv2d) else QuantizedLinear
+        return cls(module.layer, weight, bias, module.weight_fake_quant.scale,
+                   fq.scale if fq is not None else None, fq.dtype if fq is not None else "qint32", module.activation)
+    return None
