@@ -34,6 +34,7 @@ class TrainerSchema:
     eval_interval: int = 1  # epochs between evaluations
     progress_bar: bool = True
     deterministic: bool = True
+    on_nonfinite: str = "stop"  # NaN/Inf input, loss or gradient: stop with the likely causes, or skip the step
 
 
 @dataclasses.dataclass
@@ -145,6 +146,8 @@ def _check_ranges(cfg: DictConfig, source: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"{source}: {key}={value} is out of range; it must be >= {low}")
+    if cfg.trainer.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"{source}: trainer.on_nonfinite must be stop or skip, got '{cfg.trainer.on_nonfinite}'")
     clip = cfg.trainer.clip_grad_norm
     if clip is not None and clip <= 0:
         raise ConfigError(f"{source}: trainer.clip_grad_norm={clip} must be > 0 (or null for no clipping)")

@@ -24,6 +24,78 @@ def test_faq_2_3_q2_qconfig_choices_outside_the_march_are_refused():
         quant.get_default_qat_qconfig(algorithm="adaround")
 
 
+class NaNAfter(torch.utils.data.Dataset):
+    """Digits-like data whose sample `bad` is NaN."""
+
+    def __init__(self, bad):
+        self.images, self.bad = torch.randn(64, 1, 8, 8), bad
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        image = self.images[i].clone()
+        if i == self.bad:
+            image[0, 0, 0] = float("nan")
+        return image, i % 10
+
+
+def _nan_trainer(digits_cfg, mode, lr=0.01, bad=-1):
+    from omegaconf import OmegaConf
+
+    from hat.data import build_loader
+
+    torch.manual_seed(0)
+    model = create_model("convnet_small")
+    loader = build_loader(NaNAfter(bad), OmegaConf.merge(digits_cfg().data, {"batch_size": 16}), train=False, seed=0)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=lr), loader, epochs=2, on_nonfinite=mode)
+
+
+def test_faq_2_3_q4_nan_input_stops_with_the_likely_causes_in_order(digits_cfg):
+    from hat.engine.nonfinite import NonFiniteError
+
+    with pytest.raises(NonFiniteError) as err:
+        _nan_trainer(digits_cfg, "stop", bad=20).fit()
+    message = str(err.value)
+    assert message.startswith("non-finite input batch (NaN/Inf in the data) at epoch 1, step 2")
+    order = [message.index(cause) for cause in ("input data holds NaN", "float model had not converged",
+                                                  "calibration was skipped", "learning rate is too high",
+                                                  "OneCycle or an adaptive optimizer")]
+    assert order == sorted(order) and "trainer.clip_grad_norm" in message
+
+
+def test_faq_2_3_q4_skip_mode_drops_bad_steps_and_keeps_weights_finite(digits_cfg):
+    from hat.engine.nonfinite import non_finite_weights
+
+    trainer = _nan_trainer(digits_cfg, "skip", bad=20)
+    trainer.fit()
+    assert trainer.skipped_steps == 2 and trainer.step == 6  # one bad batch per epoch, 4 batches per epoch
+    assert non_finite_weights(trainer.model) == []
+
+
+def test_faq_2_3_q4_a_diverging_learning_rate_is_caught(digits_cfg):
+    from hat.engine.nonfinite import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite (loss|gradient) at epoch"):
+        _nan_trainer(digits_cfg, "stop", lr=1e30).fit()
+
+
+def test_faq_2_3_q4_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    from hat.engine.callbacks import CheckpointCallback
+    from hat.engine.nonfinite import NonFiniteError
+
+    model = create_model("convnet_small")
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=None, epochs=1)
+    callback = CheckpointCallback(tmp_path, "config: 1")
+    callback.after_epoch(trainer)
+    before = (tmp_path / "last.pt").read_bytes()
+    with torch.no_grad():
+        model.head[2].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"refusing to write a checkpoint: non-finite values in head\.2\.weight"):
+        callback.after_epoch(trainer)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
 def test_faq_2_3_q5_module_name_given_as_an_index_is_an_error_naming_real_modules():
     qc16 = quant.get_default_qat_qconfig(activation_dtype="qint16")
     with pytest.raises(ValueError, match=r"module_name must be the module's dotted name as a string .* got int 2; "

@@ -10,6 +10,7 @@ from typing import Callable, ContextManager, Optional
 from torch.utils.data import DataLoader
 
 from hat.checkpoint import save_checkpoint
+from hat.engine.nonfinite import NonFiniteError, non_finite_message, non_finite_weights
 from hat.engine.trainer import Callback, Trainer, evaluate
 
 log = logging.getLogger("hat")
@@ -41,6 +42,11 @@ class CheckpointCallback(Callback):
         self.best: Optional[float] = None
 
     def after_epoch(self, trainer: Trainer) -> None:
+        broken = non_finite_weights(trainer.bare_model)
+        if broken:  # never replace a good checkpoint with a broken one
+            raise NonFiniteError(f"refusing to write a checkpoint: non-finite values in {', '.join(broken[:5])}; "
+                                 f"{self.out_dir / 'last.pt'} keeps the previous epoch. "
+                                 + non_finite_message("weights", trainer.epoch - 1, trainer.step - 1).split(". ", 1)[1])
         value = trainer.metrics.get(self.metric)
         improved = value is not None and (self.best is None or value > self.best)
         if improved:

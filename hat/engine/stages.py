@@ -82,7 +82,7 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
                  TensorBoardCallback(out_dir / "tb", t.log_interval),
                  ProgressCallback(t.progress_bar)]
     trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,
-                      t.clip_grad_norm, t.accum_steps, t.amp, t.log_interval)
+                      t.clip_grad_norm, t.accum_steps, t.amp, t.log_interval, t.on_nonfinite)
     if cfg.scheduler:
         trainer.scheduler = build(cfg.scheduler, "scheduler", kind="scheduler", optimizer=optimizer,
                                   epochs=t.epochs, steps_per_epoch=trainer.steps_per_epoch)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hat.data import start_epoch
+from hat.engine.nonfinite import NonFiniteError, is_finite, non_finite_message
 from hat.engine.runtime import rng_state, set_rng_state
 from hat.errors import UsageError
 
@@ -42,7 +43,7 @@ class Trainer:
                  scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
                  callbacks: Iterable[Callback] = (), device: torch.device | str = "cpu",
                  clip_grad_norm: Optional[float] = None, accum_steps: int = 1, amp: bool = False,
-                 log_interval: int = 10):
+                 log_interval: int = 10, on_nonfinite: str = "stop"):
         _check_optimizer_holds(model, optimizer)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.epochs, self.callbacks = train_loader, epochs, list(callbacks)
@@ -57,6 +58,7 @@ class Trainer:
         self.images_seen = 0
         self.metrics: dict[str, float] = {}
         self.should_stop = False
+        self.on_nonfinite, self.skipped_steps = on_nonfinite, 0
 
     def fit(self) -> dict[str, float]:
         self._call("before_train")
@@ -72,29 +74,53 @@ class Trainer:
 
     def train_epoch(self) -> None:
         batches = len(self.train_loader)
-        group_loss = 0.0
+        group_loss, poisoned = 0.0, None
         for i, (images, targets) in enumerate(self.train_loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss, _ = self.model(images, targets)
             group_start = i - i % self.accum_steps
             group = min(self.accum_steps, batches - group_start)  # the last group of an epoch may be short
-            self.scaler.scale(loss / group if group > 1 else loss).backward()
-            group_loss = group_loss + loss.detach() / group
+            if not is_finite(images):
+                poisoned = poisoned or "input batch (NaN/Inf in the data)"
+            else:
+                with self.autocast():
+                    loss, _ = self.model(images, targets)
+                if not is_finite(loss.detach()):
+                    poisoned = poisoned or "loss"
+                else:
+                    self.scaler.scale(loss / group if group > 1 else loss).backward()
+                    group_loss = group_loss + loss.detach() / group
             self.images_seen += len(images)
             if i + 1 == group_start + group:
-                self.loss, group_loss = group_loss, 0.0
-                self.optimizer_step()
-                self._call("after_step")
+                if poisoned is None:
+                    self.loss = group_loss
+                    poisoned = self.optimizer_step()
+                if poisoned is not None:
+                    self._non_finite(poisoned)
+                    poisoned = None
+                else:
+                    self._call("after_step")
+                group_loss = 0.0
+
+    def _non_finite(self, what: str) -> None:
+        """Stop with the likely causes, or (on_nonfinite=skip) drop this step's gradients and go on."""
+        message = non_finite_message(what, self.epoch, self.step)
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(message)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log.warning("skipped a step (%d so far): %s", self.skipped_steps, message.split(". Likely")[0])
 
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (micro-batches grouped by `accum_steps`)."""
         return math.ceil(len(self.train_loader) / self.accum_steps)
 
-    def optimizer_step(self) -> None:
-        """Unscale, measure/clip the gradient norm, step, zero grads, advance the schedule."""
+    def optimizer_step(self) -> Optional[str]:
+        """Unscale, measure/clip the gradient norm, step, zero grads, advance the schedule.
+
+        Returns "gradient" without stepping when the measured norm is not finite (measured when clipping and at
+        log steps; a NaN gradient between them shows up as a NaN loss next step)."""
         self.scaler.unscale_(self.optimizer)
         self.grad_norm = None
         if self.clip_grad_norm is not None or (self.step + 1) % self.log_interval == 0:
@@ -103,12 +129,15 @@ class Trainer:
                 self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
             else:
                 self.grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            if not math.isfinite(self.grad_norm) and not self.scaler.is_enabled():  # the scaler skips those itself
+                return "gradient"
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
+        return None
 
     @property
     def lr(self) -> float:

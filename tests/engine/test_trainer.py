@@ -143,7 +143,7 @@ def test_resume_ends_with_the_same_weights(digits_cfg, tmp_path, scheduler):
 
 def test_best_checkpoint_is_written_only_when_the_metric_improves(tmp_path):
     class FakeTrainer:
-        epoch, metrics = 0, {}
+        epoch, metrics, bare_model = 0, {}, nn.Linear(1, 1)
 
         def state_dict(self):
             return {"epoch": self.epoch}
