@@ -39,10 +39,11 @@ class _SteFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, rounding):
-        q = round_to_grid(x / scale, rounding)
-        inside = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(inside)
-        return q.clamp(qmin, qmax) * scale
+        q = x / scale
+        q = q.add_(0.5).floor_() if rounding == "half_up" else round_to_grid(q, rounding)  # in place: fewer passes
+        clamped = q.clamp(qmin, qmax)
+        ctx.save_for_backward(clamped == q)  # inside the range
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
