@@ -16,8 +16,12 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	touch $@
 
+DEMO := $(PY) tools/train.py --config projects/digits/convnet.yaml --overwrite
+
 demo: setup
-	$(PY) tools/train.py --config projects/digits/convnet.yaml --stage float --overwrite
+	$(DEMO) --stage float
+	$(DEMO) --stage calibration
+	$(DEMO) --stage qat
 
 test: setup
 	$(PY) -m pytest -q

@@ -69,6 +69,7 @@ class TensorBoardCallback(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.log_dir))
+        log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
         self._mark(trainer)
 
     def after_step(self, trainer: Trainer) -> None:

@@ -51,7 +51,7 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
                               f"with --overwrite, or pick another work_dir=...")
         shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
     save_config(cfg, out_dir / "config.yaml")
-    log.info("stage %s: writing to %s (TensorBoard: tensorboard --logdir %s)", stage, out_dir, out_dir / "tb")
+    log.info("stage %s: writing to %s", stage, out_dir)
     metrics = get(stage, kind="stage")(cfg, out_dir, resume)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("stage %s done: %s", stage, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
