@@ -13,6 +13,7 @@ __all__ = ["QConfig", "get_default_qat_qconfig", "get_default_qat_out_qconfig", 
            "FakeQuantize", "LSQFakeQuantize", "PACTFakeQuantize", "set_fake_quant_state", "get_march", "set_march",
            "MinMaxObserver", "MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver",
            "PerChannelMinMaxObserver"]
+from hat.quant.compare import compare  # noqa: E402
 from hat.quant.convert import convert  # noqa: E402
 from hat.quant.fuse import fuse_modules  # noqa: E402
 from hat.quant.prepare import prepare_qat  # noqa: E402
@@ -20,5 +21,5 @@ from hat.quant.qat import freeze_bn  # noqa: E402
 from hat.quant.qtensor import QTensor, QuantizationError  # noqa: E402
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub  # noqa: E402
 
-__all__ += ["convert", "fuse_modules", "prepare_qat", "freeze_bn", "QTensor", "QuantizationError", "QuantStub", "DeQuantStub",
+__all__ += ["compare", "convert", "fuse_modules", "prepare_qat", "freeze_bn", "QTensor", "QuantizationError", "QuantStub", "DeQuantStub",
             "FloatFunctional"]

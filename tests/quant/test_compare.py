@@ -1,0 +1,40 @@
+import math
+
+import torch
+
+from hat import quant
+from hat.models import create_model
+
+
+def _models():
+    torch.manual_seed(0)
+    model = create_model("convnet_small").eval()
+    qat = quant.prepare_qat(model, {"": quant.get_default_qat_qconfig(), "module_name": [("loss", None)]})
+    quant.set_fake_quant_state(qat, "calibration")
+    qat.eval()
+    x = torch.randn(16, 1, 8, 8)
+    qat(x)
+    quant.set_fake_quant_state(qat, "validation")
+    return model, qat, x
+
+
+def test_compare_lists_every_common_layer_in_order_with_sqnr_and_cosine():
+    model, qat, x = _models()
+    report = quant.compare(model, qat, (x,))
+    names = [d.name for d in report]
+    assert names[:3] == ["quant", "backbone.0.0.bn", "backbone.0.0"] and names[-1] == "(output)"
+    assert not any(d.module_a == "Identity" for d in report)
+    fused = next(d for d in report if d.name == "backbone.0.0")
+    assert (fused.module_a, fused.module_b) == ("FusedLayer", "QATConv2d")
+    assert all(20 < d.sqnr_db < math.inf and 0.99 < d.cosine <= 1.0 for d in report)
+    assert "SQNR dB" in str(report).splitlines()[0] and len(str(report).splitlines()) == len(report) + 1
+
+
+def test_compare_finds_the_layer_that_breaks():
+    model, qat, x = _models()
+    with torch.no_grad():
+        qat.backbone[1][0].layer.weight.mul_(-1)  # break one layer
+    report = quant.compare(model, qat, (x,))
+    first_bad = next(d.name for d in report if d.sqnr_db < 0)
+    assert first_bad in ("backbone.1.0.bn", "backbone.1.0") and report.worst(1)[0].sqnr_db < 0
+    assert {d.name: d.sqnr_db for d in report}["backbone.0.0"] > 20  # layers before it are unaffected
