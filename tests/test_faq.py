@@ -11,6 +11,7 @@ from hat.engine import Trainer
 from hat.errors import UsageError
 from hat.models import create_model
 from hat.quant import QuantizationError
+from hat.quant.qat import QATFloatFunctional
 
 
 def _qat(model, **qconfig_dict):
@@ -177,6 +178,50 @@ def test_faq_python_expressions_on_quantized_activations_work_in_eager_qat(faq, 
     assert inside.float().mean() > 0.6
     assert (out - expected)[inside].abs().max() <= 1.5 * step  # within quantization error of the float result
     assert set(torch.round(out[~inside] / step).abs().tolist()) <= {127.0, 128.0}  # saturated at the range's ends
+
+
+class PlainArithmetic(nn.Module):
+    """A plain torch model (no stubs, no FloatFunctional) with the FAQ's expressions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        a, b = self.conv1(x), self.conv2(x)
+        y = a + b  # tensor + tensor: rewritten into a FloatFunctional
+        y = torch.cat([y, a * b], dim=1)  # rewritten too
+        return (1 - y)[0:1] + 1e-4, -y[0]  # 1 - x, slicing, float constant, -x, x[0]: QTensor rules
+
+
+def test_faq_2_3_q10_and_2_4_q11_to_q13_graph_mode_takes_plain_arithmetic():
+    torch.manual_seed(0)
+    model, x = PlainArithmetic(), torch.randn(2, 1, 6, 6)
+    qat = quant.prepare_qat_fx(model, example_inputs=(x,))
+    assert sum(isinstance(m, QATFloatFunctional) for m in qat.modules()) == 3
+    out, neg = qat(x)
+    (out.sum() + neg.sum()).backward()
+    expected, expected_neg = model(x)
+    assert out.shape == expected.shape and neg.shape == expected_neg.shape
+    assert torch.corrcoef(torch.stack([out.flatten(), expected.flatten()]))[0, 1] > 0.99
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value
+            return self.conv(x)
+        return x
+
+
+def test_faq_2_4_q10_control_flow_names_the_file_and_line_of_the_forward():
+    line = DataDependent.forward.__code__.co_firstlineno + 1
+    with pytest.raises(QuantizationError, match=rf"cannot trace DataDependent: .*test_faq\.py:{line} in forward "
+                                                r"uses a tensor value in Python control flow"):
+        quant.prepare_qat_fx(DataDependent(), example_inputs=(torch.randn(1, 1, 2, 2),))
 
 
 def test_faq_2_4_q3_non_leaf_tensors_do_not_break_prepare():

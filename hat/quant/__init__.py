@@ -16,10 +16,11 @@ __all__ = ["QConfig", "get_default_qat_qconfig", "get_default_qat_out_qconfig", 
 from hat.quant.compare import compare  # noqa: E402
 from hat.quant.convert import convert  # noqa: E402
 from hat.quant.fuse import fuse_modules  # noqa: E402
+from hat.quant.fx import convert_fx, prepare_qat_fx  # noqa: E402
 from hat.quant.prepare import prepare_qat  # noqa: E402
 from hat.quant.qat import freeze_bn  # noqa: E402
 from hat.quant.qtensor import QTensor, QuantizationError  # noqa: E402
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub  # noqa: E402
 
-__all__ += ["compare", "convert", "fuse_modules", "prepare_qat", "freeze_bn", "QTensor", "QuantizationError", "QuantStub", "DeQuantStub",
+__all__ += ["compare", "convert", "convert_fx", "prepare_qat_fx", "fuse_modules", "prepare_qat", "freeze_bn", "QTensor", "QuantizationError", "QuantStub", "DeQuantStub",
             "FloatFunctional"]

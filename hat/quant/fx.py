@@ -1,0 +1,144 @@
+"""Graph mode: prepare a plain torch model (torchvision resnet18, mobilenet_v2, ...) for QAT with no code changes.
+
+symbolic_trace -> add QuantStub after each input and DeQuantStub before each output -> fuse conv/linear + bn
+(+ relu/relu6) chains found in the graph -> rewrite tensor-tensor add/sub/mul/cat into FloatFunctional calls ->
+the eager prepare_qat on the resulting GraphModule. Float constants, -x, 1 - x and x[0] need no rewrite: QTensor
+handles them (FAQ 2.3 Q10, 2.4 Q11-Q13).
+"""
+from __future__ import annotations
+
+import operator
+import traceback
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from hat.quant.convert import convert
+from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer
+from hat.quant.prepare import _replace, copy_model, prepare_qat
+from hat.quant.qtensor import QuantizationError
+from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+_BINARY = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
+           torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul"}
+_FUNCTIONAL_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+
+
+def call_float_functional(module: FloatFunctional, method: str, *args):
+    """The graph's way to call a FloatFunctional method (a graph node can only call a module's forward)."""
+    return getattr(module, method)(*args)
+
+
+def prepare_qat_fx(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
+                   example_inputs: Sequence[torch.Tensor] = ()) -> fx.GraphModule:
+    """The QAT GraphModule of a plain torch model; `example_inputs` (a tuple) tells tensors from other values."""
+    if not example_inputs:
+        raise ValueError("prepare_qat_fx needs example_inputs=(x,) to tell tensor arithmetic from shape arithmetic")
+    gm = _trace(copy_model(model).eval())
+    ShapeProp(gm).propagate(*example_inputs)
+    _add_stubs(gm)
+    _fuse(gm)
+    _rewrite_tensor_arithmetic(gm)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return prepare_qat(gm.train(model.training), qconfig_dict, inplace=True)
+
+
+def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
+    """The quantized version of a prepare_qat_fx model (the same module swap as convert)."""
+    return convert(model)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except fx.proxy.TraceError as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+        where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "the model's forward"
+        raise QuantizationError(
+            f"prepare_qat_fx cannot trace {type(model).__name__}: {where} uses a tensor value in Python control "
+            f"flow (if/for/while/assert), which graph mode cannot record (FAQ 2.4 Q10). Make the branch depend "
+            f"on shapes or settings instead of tensor values, move it out of forward, or use the eager "
+            f"prepare_qat with QuantStub/DeQuantStub") from None
+
+
+def _add_stubs(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for index, node in enumerate([n for n in graph.nodes if n.op == "placeholder" and "tensor_meta" in n.meta]):
+        name = f"quant_input_{index}"
+        gm.add_submodule(name, QuantStub())
+        with graph.inserting_after(node):
+            stub = graph.call_module(name, (node,))
+        stub.meta = dict(node.meta)
+        node.replace_all_uses_with(stub, delete_user_cb=lambda user: user is not stub)
+    output = next(n for n in graph.nodes if n.op == "output")
+    gm.add_submodule("dequant_output", DeQuantStub())
+    with graph.inserting_before(output):
+        output.args = (fx.node.map_arg(output.args[0], lambda n: graph.call_module("dequant_output", (n,))),)
+
+
+def _fuse(gm: fx.GraphModule) -> None:
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) not in WEIGHTED:
+            continue
+        layer = modules[node.target]
+        chain, bn, activation = [node], None, None
+        following = _only_user(chain[-1])
+        if following is not None and following.op == "call_module" \
+                and type(modules[following.target]) is NORMS[type(layer)]:
+            bn = modules[following.target]
+            chain.append(following)
+            following = _only_user(following)
+        if following is not None:
+            activation = _activation_of(following, modules)
+            if activation is not None:
+                chain.append(following)
+        if len(chain) > 1:
+            _replace(gm, node.target, FusedLayer(layer, bn, activation))
+            for fused_away in reversed(chain[1:]):
+                fused_away.replace_all_uses_with(node)
+                gm.graph.erase_node(fused_away)
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation_of(node: fx.Node, modules: dict) -> Optional[str]:
+    if node.op == "call_module":
+        return ACTIVATIONS.get(type(modules[node.target]))
+    if node.op == "call_function" and node.target in _FUNCTIONAL_ACTIVATIONS:
+        return _FUNCTIONAL_ACTIVATIONS[node.target]
+    return None
+
+
+def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _BINARY and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
+            method, args = _BINARY[node.target], node.args
+        elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
+                and all(_is_tensor(a) for a in node.args[0]):
+            method, args = "cat", (list(node.args[0]), node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+        else:
+            continue
+        name = f"{node.name}_float_functional"
+        gm.add_submodule(name, FloatFunctional())
+        with graph.inserting_before(node):
+            module = graph.get_attr(name)
+            replacement = graph.call_function(call_float_functional, (module, method, *args))
+        replacement.meta = node.meta  # later rewrites still see a tensor here
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+
+def _is_tensor(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and "tensor_meta" in arg.meta

@@ -1,0 +1,43 @@
+"""prepare_qat_fx on plain torchvision models: no code changes, then calibrate and convert."""
+import pytest
+import torch
+import torchvision
+
+from hat import quant
+from hat.quant.qat import QATConv2d, QATFloatFunctional, QATLinear
+from hat.quant.quantized import QuantizedConv2d
+
+
+@pytest.mark.parametrize("ctor,convs,adds", [(torchvision.models.resnet18, 20, 8),
+                                             (torchvision.models.mobilenet_v2, 52, 10)],
+                         ids=["resnet18", "mobilenet_v2"])
+def test_torchvision_models_prepare_calibrate_and_convert(ctor, convs, adds):
+    torch.manual_seed(0)
+    model = ctor(num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    qat = quant.prepare_qat_fx(model, example_inputs=(x,))
+    assert sum(isinstance(m, QATConv2d) for m in qat.modules()) == convs  # every conv, each with its BN folded
+    assert all(m.bn is not None for m in qat.modules() if isinstance(m, QATConv2d))
+    assert sum(isinstance(m, QATFloatFunctional) for m in qat.modules()) == adds  # residual adds rewritten
+    assert sum(isinstance(m, QATLinear) for m in qat.modules()) == 1
+    quant.set_fake_quant_state(qat, "calibration")
+    with torch.no_grad():
+        for _ in range(2):
+            qat(torch.randn(4, 3, 32, 32))
+    quant.set_fake_quant_state(qat, "qat")
+    qat.train()
+    qat(x).sum().backward()
+    assert qat.get_submodule("fc" if ctor is torchvision.models.resnet18 else "classifier.1").layer.weight.grad \
+        is not None
+    quant.set_fake_quant_state(qat, "validation")
+    qmodel = quant.convert_fx(qat.eval())
+    assert sum(isinstance(m, QuantizedConv2d) for m in qmodel.modules()) == convs
+    with torch.no_grad():
+        a, b = qat(x), qmodel(x)
+    assert a.shape == b.shape == (4, 10)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+
+
+def test_example_inputs_are_required():
+    with pytest.raises(ValueError, match=r"example_inputs=\(x,\)"):
+        quant.prepare_qat_fx(torchvision.models.resnet18())
