@@ -71,3 +71,18 @@ def _quantized_agrees_with_qat(cfg, checkpoint):
     total = len(loader.dataset)
     assert agree / total >= 0.97
     assert abs(correct_qat - correct_int) / total <= 0.01
+
+
+@pytest.mark.parametrize("algorithm", ["lsq", "pact"])
+def test_learned_range_algorithms_run_end_to_end(digits_cfg, tmp_path, algorithm):
+    common = (f"quant.algorithm={algorithm}", "quant.int16_modules=[backbone.1.0]", "stages.qat.trainer.epochs=2")
+    float_metrics = run_stage(digits_cfg("stage=float", "trainer.epochs=8", *common))
+    run_stage(digits_cfg("stage=calibration", *common))
+    qat = run_stage(digits_cfg("stage=qat", *common))
+    assert qat["val/top1"] >= float_metrics["val/top1"] - 2.0
+    state = torch.load(tmp_path / "qat" / "best.pt", weights_only=True)["model"]
+    learned = "alpha" if algorithm == "pact" else "scale"
+    assert f"backbone.0.0.activation_post_process.{learned}" in state
+    prepared = prepared_model(digits_cfg(*common))
+    assert prepared.backbone[1][0].activation_post_process.dtype == "qint16"
+    assert prepared.backbone[2][0].activation_post_process.dtype == "qint8"
