@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,7 +19,7 @@ from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
 from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,
                        set_fake_quant_state)
-from hat.quant.qconfig import QConfig
+from hat.quant.qconfig import QConfig, check_module_name
 from hat.registry import register
 
 log = logging.getLogger("hat")
@@ -38,14 +37,13 @@ def qconfig_dict_from_config(cfg: DictConfig, model: nn.Module) -> dict:
             + [(n, None) for n in q.float_modules])
     except ValueError as exc:
         raise ConfigError(f"quant: {exc}") from None
-    names = {name for name, _ in model.named_modules()}
+    names = [name for name, _ in model.named_modules() if name]
     for key in ("int16_modules", "high_precision_outputs", "float_modules"):
-        for name in q[key]:
-            if name not in names:
-                close = difflib.get_close_matches(str(name), sorted(names), n=3, cutoff=0.5)
-                raise ConfigError(f"quant.{key}: no module named '{name}' in the model"
-                                  + (f"; nearest: {', '.join(close)}" if close else "")
-                                  + " (names as printed by model.named_modules())")
+        for index, name in enumerate(q[key]):
+            try:
+                check_module_name(name, f"quant.{key}[{index}]", names)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     outside = [(name, None) for name in getattr(model, "NON_DEPLOY", ()) if name in names]
     return {"": base, "module_name": special + outside}
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from hat.quant.prepare import _replace, copy_model
+from hat.quant.fuse import replace_module
+from hat.quant.prepare import copy_model
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATQuantStub, _QATWeighted
 from hat.quant.quantized import (QuantizedConv2d, QuantizedDeQuantStub, QuantizedFloatFunctional, QuantizedLinear,
                                  QuantizedQuantStub)
@@ -22,7 +23,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             if not name:
                 raise ValueError("convert: the model itself is a QAT layer; convert the model that contains it")
             quantized.hat_name = name
-            _replace(model, name, quantized)
+            replace_module(model, name, quantized)
             swapped.append(name)
     return model.eval()
 

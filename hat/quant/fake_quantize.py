@@ -15,15 +15,12 @@ from torch import nn
 from hat.backend.j5.arith import round_to_grid
 from hat.quant.march import current_profile
 from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver
+from hat.quant.qtensor import along_axis
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, ch_axis: Optional[int]) -> torch.Tensor:
     """Broadcast a per-channel [C] tensor along `ch_axis` of x; per-tensor values pass through."""
-    if ch_axis is None or t.numel() == 1:
-        return t
-    shape = [1] * x.ndim
-    shape[ch_axis] = -1
-    return t.view(shape)
+    return t if ch_axis is None or t.numel() == 1 else along_axis(t, x, ch_axis)
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -80,12 +80,13 @@ def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module
             kinds = " + ".join(type(m).__name__ for m in modules)
             raise ValueError(f"fuse_modules: {kinds} ({', '.join(group)}) is not fusable; supported: Conv2d + "
                              f"BatchNorm2d [+ ReLU/ReLU6], Linear + BatchNorm1d [+ ReLU/ReLU6], Conv2d/Linear + ReLU")
-        _set(model, group[0], _fused(modules))
+        replace_module(model, group[0], _fused(modules))
         for name in group[1:]:
-            _set(model, name, nn.Identity())
+            replace_module(model, name, nn.Identity())
     return model
 
 
-def _set(model: nn.Module, dotted: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Put `module` at the dotted name `dotted` inside `model`."""
     parent, _, name = dotted.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)

@@ -17,8 +17,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from hat.quant.convert import convert
-from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer
-from hat.quant.prepare import _replace, copy_model, prepare_qat
+from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer, replace_module
+from hat.quant.prepare import copy_model, prepare_qat
 from hat.quant.qtensor import QuantizationError
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
@@ -99,7 +99,7 @@ def _fuse(gm: fx.GraphModule) -> None:
             if activation is not None:
                 chain.append(following)
         if len(chain) > 1:
-            _replace(gm, node.target, FusedLayer(layer, bn, activation))
+            replace_module(gm, node.target, FusedLayer(layer, bn, activation))
             for fused_away in reversed(chain[1:]):
                 fused_away.replace_all_uses_with(node)
                 gm.graph.erase_node(fused_away)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hat.quant.fake_quantize import set_fake_quant_state
-from hat.quant.fuse import FusedLayer, fuse_sequential_patterns
+from hat.quant.fuse import FusedLayer, fuse_sequential_patterns, replace_module
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub
 from hat.quant.qconfig import QConfig, get_default_qat_qconfig, resolve_qconfigs
 from hat.quant.qtensor import QuantizationError
@@ -34,7 +34,7 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
         qat = _qat_module(module, qconfigs[name])
         if qat is not None:
             qat.hat_name = name
-            _replace(model, name, qat)
+            replace_module(model, name, qat)
             swapped.append(name)
     set_fake_quant_state(model, "qat")
     return model
@@ -76,7 +76,3 @@ def copy_model(model: nn.Module) -> nn.Module:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
 
-
-def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, name = dotted.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)

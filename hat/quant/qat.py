@@ -14,7 +14,7 @@ from torch import nn
 
 from hat.quant.fuse import FusedLayer
 from hat.quant.qconfig import QConfig
-from hat.quant.qtensor import QTensor, QuantizationError, as_qtensor, dequantize
+from hat.quant.qtensor import QTensor, QuantizationError, along_axis, as_qtensor, dequantize
 
 
 class _Named(nn.Module):
@@ -87,11 +87,11 @@ class _QATWeighted(_Named):
             y = self._compute(inp, self.weight_fake_quant(self.layer.weight), self.layer.bias)
         else:
             factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-            weight = self.weight_fake_quant(self.layer.weight * self._per_channel(factor, self.layer.weight))
+            weight = self.weight_fake_quant(self.layer.weight * along_axis(factor, self.layer.weight, 0))
             y = self._compute(inp, weight, None)
-            y = y / self._per_channel(factor, y, axis=1)
+            y = y / along_axis(factor, y, 1)
             if self.layer.bias is not None:
-                y = y + self._per_channel(self.layer.bias, y, axis=1)
+                y = y + along_axis(self.layer.bias, y, 1)
             y = self.bn(y)
         if self.activation == "relu":
             y = F.relu(y)
@@ -109,19 +109,13 @@ class _QATWeighted(_Named):
         factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
         base = bias if bias is not None else torch.zeros_like(self.bn.running_mean)
         folded_bias = self.bn.bias + (base - self.bn.running_mean) * factor
-        return (weight * self._per_channel(factor, weight)).detach(), folded_bias.detach()
+        return (weight * along_axis(factor, weight, 0)).detach(), folded_bias.detach()
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.bn is not None and self.bn_frozen:
             self.bn.eval()  # frozen: running statistics, no updates
         return self
-
-    @staticmethod
-    def _per_channel(values: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
-        shape = [1] * like.ndim
-        shape[axis] = -1
-        return values.reshape(shape)
 
 
 class QATConv2d(_QATWeighted):

@@ -83,7 +83,7 @@ def resolve_qconfigs(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -
                          f"'' (global), 'module_type', 'module_name'")
     names = [name for name, _ in model.named_modules() if name]
     by_type = dict(_pairs(qconfig_dict, "module_type", _check_type, names))
-    by_name = dict(_pairs(qconfig_dict, "module_name", _check_name, names))
+    by_name = dict(_pairs(qconfig_dict, "module_name", check_module_name, names))
     resolved: dict[str, Optional[QConfig]] = {}
     for name, module in model.named_modules():
         parent = resolved[name.rpartition(".")[0]] if name else qconfig_dict.get("")
@@ -109,7 +109,7 @@ def _check_type(target: Any, where: str, names: list[str]) -> None:
         raise ValueError(f"{where}: module_type entries take a module class such as nn.Conv2d, got {target!r}")
 
 
-def _check_name(target: Any, where: str, names: list[str]) -> None:
+def check_module_name(target: Any, where: str, names: list[str]) -> None:
     """FAQ 2.3 Q5: module_name takes the dotted string name; an index or a wrong name would be ignored silently."""
     if not isinstance(target, str):
         index_like = sorted((n for n in names if n.endswith(f".{target}") or n == str(target)),

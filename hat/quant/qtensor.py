@@ -21,6 +21,13 @@ TORCH_DTYPES = {"qint8": torch.int8, "qint16": torch.int16, "qint32": torch.int3
 _HANDLERS: dict[Callable, Callable] = {}
 
 
+def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """Shape per-channel `values` ([C]) to broadcast along `axis` of `like`."""
+    shape = [1] * like.ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
 class QuantizationError(RuntimeError):
     """A model does something quantized arithmetic cannot express; the message says what to change."""
 
@@ -45,7 +52,7 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         if not self.is_quantized:
             return self.data
-        scale = self.scale.view(1, -1, *[1] * (self.data.ndim - 2)) if self.scale.numel() > 1 else self.scale
+        scale = along_axis(self.scale, self.data, 1) if self.scale.numel() > 1 else self.scale
         return (self.data.double() * scale.double()).float()  # float64 keeps int32 values exact
 
     def int_repr(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from hat.backend.j5.arith import requantize, round_half_up, saturate
 from hat.quant.march import current_profile
-from hat.quant.qtensor import TORCH_DTYPES, QTensor, as_qtensor, dequantize, quantize
+from hat.quant.qtensor import TORCH_DTYPES, QTensor, along_axis, as_qtensor, dequantize, quantize
 
 
 class _Named(nn.Module):
@@ -48,7 +48,7 @@ class _QuantizedWeighted(_Named):
         self.layer_args = _layer_args(layer)
         qmin, qmax = current_profile().qrange(current_profile().weight_dtype)
         scale = weight_scale.detach().reshape(-1)
-        per_channel = scale.view(-1, *[1] * (weight.ndim - 1))
+        per_channel = along_axis(scale, weight, 0)
         self.register_buffer("weight_int", round_half_up(weight.detach() / per_channel).clamp(qmin, qmax).to(torch.int8))
         self.register_buffer("weight_scale", scale.clone())
         self.register_buffer("bias", (bias if bias is not None else torch.zeros(len(scale))).detach().clone())
@@ -67,7 +67,7 @@ class _QuantizedWeighted(_Named):
     def forward(self, x) -> QTensor:
         (x,) = self._inputs(x)
         acc = torch.round(self._compute(x.data.double(), self.weight_int.double())).long()
-        acc = acc + _along_channels(self.integer_bias(x.scale), acc)
+        acc = acc + along_axis(self.integer_bias(x.scale), acc, 1)
         acc = saturate(acc, "qint32")  # the int32 accumulator
         if self.activation in ("relu", "relu6"):
             acc = acc.clamp(min=0)
@@ -148,8 +148,4 @@ def _layer_args(layer: nn.Module) -> dict:
     if isinstance(layer, nn.Conv2d):
         return {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
     return {}
-
-
-def _along_channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(1, -1, *[1] * (like.ndim - 2))
 

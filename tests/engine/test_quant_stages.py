@@ -50,8 +50,8 @@ def test_stage_order_and_config_mistakes(digits_cfg, tmp_path):
     with pytest.raises(CheckpointError, match=r"float/best\.pt not found: run the float stage first"):
         run_stage(digits_cfg("stage=calibration"))
     run_stage(digits_cfg("stage=float", "trainer.epochs=1"))
-    with pytest.raises(ConfigError, match=r"quant\.int16_modules: no module named 'backbone\.9' in the model; "
-                                          r"nearest: backbone\.2, backbone\.1, backbone\.0"):
+    with pytest.raises(ConfigError, match=r"quant\.int16_modules\[0\]: no module named 'backbone\.9' in the model; "
+                                          r"nearest names: backbone\.2, backbone\.1, backbone\.0"):
         run_stage(digits_cfg("stage=calibration", "quant.int16_modules=[backbone.9]"))
     with pytest.raises(ConfigError, match="quant: activation_dtype must be one of qint8, qint16"):
         run_stage(digits_cfg("stage=calibration", "quant.activation_dtype=qint4"))
