@@ -44,7 +44,8 @@ def compare(model_a: nn.Module, model_b: nn.Module, inputs: Sequence[torch.Tenso
     """Outputs of every module present (by name) in both models, compared on `inputs` (a tuple of args)."""
     outputs = []
     for model in (model_a, model_b):
-        model = fuse_sequential_patterns(copy_model(model)).eval()
+        model = copy_model(model).eval()
+        fuse_sequential_patterns(model)
         outputs.append(_record(model, inputs))
     report = CompareReport()
     for name, (kind_a, a) in outputs[0].items():

@@ -48,12 +48,16 @@ def _fusable(modules: Sequence[nn.Module]) -> int:
 def _fused(modules: Sequence[nn.Module]) -> FusedLayer:
     layer, rest = modules[0], list(modules[1:])
     bn = rest.pop(0) if rest and isinstance(rest[0], (nn.BatchNorm1d, nn.BatchNorm2d)) else None
+    if bn is not None and not bn.track_running_stats:
+        raise ValueError(f"a {type(bn).__name__} with track_running_stats=False cannot be folded into the deployed "
+                         f"{type(layer).__name__}: the device needs fixed statistics; enable running statistics")
     return FusedLayer(layer, bn, ACTIVATIONS[type(rest[0])] if rest else None)
 
 
-def fuse_sequential_patterns(model: nn.Module) -> nn.Module:
-    """Fuse every layer [+ bn] [+ relu] run inside nn.Sequential containers, in place."""
-    for module in list(model.modules()):
+def find_sequential_groups(model: nn.Module) -> list[list[str]]:
+    """Dotted names of every layer [+ bn] [+ relu] run inside nn.Sequential containers (the model is unchanged)."""
+    groups = []
+    for prefix, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
@@ -61,11 +65,16 @@ def fuse_sequential_patterns(model: nn.Module) -> nn.Module:
         while i < len(children):
             count = _fusable([m for _, m in children[i:]])
             if count >= 2:
-                setattr(module, children[i][0], _fused([m for _, m in children[i:i + count]]))
-                for name, _ in children[i + 1:i + count]:
-                    setattr(module, name, nn.Identity())
+                groups.append([f"{prefix}.{name}" if prefix else name for name, _ in children[i:i + count]])
             i += max(count, 1)
-    return model
+    return groups
+
+
+def fuse_sequential_patterns(model: nn.Module) -> list[list[str]]:
+    """Fuse every group find_sequential_groups finds, in place; returns the groups."""
+    groups = find_sequential_groups(model)
+    fuse_modules(model, groups)
+    return groups
 
 
 def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:

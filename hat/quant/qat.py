@@ -83,13 +83,15 @@ class _QATWeighted(_Named):
 
     def forward(self, x) -> QTensor:
         inp = self._input(x)
-        if self.bn is None:
-            y = self._compute(inp, self.weight_fake_quant(self.layer.weight), self.layer.bias)
-        else:
-            factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-            weight = self.weight_fake_quant(self.layer.weight * along_axis(factor, self.layer.weight, 0))
-            y = self._compute(inp, weight, None)
-            y = y / along_axis(factor, y, 1)
+        if self.bn is None or not self.bn.training:  # no BN, eval or frozen BN: exactly the deployed arithmetic
+            weight, bias = self._folded()
+            y = self._compute(inp, self.weight_fake_quant(weight), bias)
+        else:  # training: fake-quantize the folded weight, then normalize with batch statistics
+            factor = self._bn_factor()
+            safe = torch.where(factor == 0, torch.ones_like(factor), factor)  # gamma = 0 channels: no 0 / 0
+            y = self._compute(inp, self.weight_fake_quant(self.layer.weight * along_axis(factor, self.layer.weight, 0)),
+                              None)
+            y = y / along_axis(safe, y, 1)
             if self.layer.bias is not None:
                 y = y + along_axis(self.layer.bias, y, 1)
             y = self.bn(y)
@@ -103,13 +105,21 @@ class _QATWeighted(_Named):
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The float weight and bias the deployed layer computes with: batch norm folded in (running stats)."""
+        weight, bias = self._folded()
+        return weight.detach(), None if bias is None else bias.detach()
+
+    def _bn_factor(self) -> torch.Tensor:
+        gamma = self.bn.weight if self.bn.affine else torch.ones_like(self.bn.running_var)
+        return gamma / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def _folded(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         weight, bias = self.layer.weight, self.layer.bias
         if self.bn is None:
-            return weight.detach(), None if bias is None else bias.detach()
-        factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+            return weight, bias
+        factor = self._bn_factor()
+        beta = self.bn.bias if self.bn.affine else torch.zeros_like(factor)
         base = bias if bias is not None else torch.zeros_like(self.bn.running_mean)
-        folded_bias = self.bn.bias + (base - self.bn.running_mean) * factor
-        return (weight * along_axis(factor, weight, 0)).detach(), folded_bias.detach()
+        return weight * along_axis(factor, weight, 0), beta + (base - self.bn.running_mean) * factor
 
     def train(self, mode: bool = True):
         super().train(mode)

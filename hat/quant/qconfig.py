@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import nn
 
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize
+from hat.quant.fuse import FusedLayer
 from hat.quant.march import current_profile
 from hat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
@@ -81,13 +82,15 @@ def resolve_qconfigs(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -
     if unknown:
         raise ValueError(f"qconfig_dict: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
                          f"'' (global), 'module_type', 'module_name'")
+    _check_qconfig(qconfig_dict.get(""), "qconfig_dict['']")
     names = [name for name, _ in model.named_modules() if name]
     by_type = dict(_pairs(qconfig_dict, "module_type", _check_type, names))
     by_name = dict(_pairs(qconfig_dict, "module_name", check_module_name, names))
     resolved: dict[str, Optional[QConfig]] = {}
     for name, module in model.named_modules():
         parent = resolved[name.rpartition(".")[0]] if name else qconfig_dict.get("")
-        qconfig = by_type.get(type(module), parent)
+        qconfig = by_type.get(type(getattr(module, "layer", module)) if isinstance(module, FusedLayer) else type(module),
+                              parent)
         qconfig = by_name.get(name, qconfig)
         resolved[name] = getattr(module, "qconfig", qconfig)
     return resolved
@@ -100,8 +103,15 @@ def _pairs(qconfig_dict: dict, key: str, check: Callable, names: list[str]) -> l
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
             raise ValueError(f"qconfig_dict['{key}'][{index}] must be a (target, qconfig) pair, got {entry!r}")
         check(entry[0], f"qconfig_dict['{key}'][{index}]", names)
+        _check_qconfig(entry[1], f"qconfig_dict['{key}'][{index}]")
         pairs.append(tuple(entry))
     return pairs
+
+
+def _check_qconfig(value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, QConfig):
+        raise ValueError(f"{where}: expected a QConfig (e.g. get_default_qat_qconfig()) or None, got "
+                         f"{type(value).__name__} {value!r:.60}")
 
 
 def _check_type(target: Any, where: str, names: list[str]) -> None:
@@ -128,7 +138,9 @@ def qconfig_report(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -> 
 
     The answer to "did my int16 / high-precision setting take effect?" (FAQ 2.3 Q6) before training starts.
     """
-    resolved = resolve_qconfigs(model, qconfig_dict)
+    from hat.quant.prepare import effective_qconfigs  # prepare builds on this module
+
+    resolved = effective_qconfigs(model, qconfig_dict or {})
     rows = [("module", "type", "output", "weight")]
     for name, module in model.named_modules():
         if name and not list(module.children()):

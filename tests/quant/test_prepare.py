@@ -84,3 +84,32 @@ def test_freeze_bn_stops_statistics_updates():
     before = qat.backbone[0][0].bn.running_mean.clone()
     qat(torch.randn(8, 1, 8, 8), torch.arange(8))
     assert torch.equal(before, qat.backbone[0][0].bn.running_mean)
+
+
+def test_module_type_and_member_names_reach_the_fused_layer():
+    """module_type (nn.Conv2d) and names of a fused block's bn/relu apply to the fused layer, and the report
+    says what prepare_qat does."""
+    qc16 = quant.get_default_qat_qconfig(activation_dtype="qint16")
+    model = create_model("convnet_small")
+    qconfig_dict = {"": quant.get_default_qat_qconfig(), "module_type": [(nn.Conv2d, qc16)],
+                    "module_name": [("backbone.2.2", quant.get_default_qat_qconfig()), ("loss", None)]}
+    qat = quant.prepare_qat(model, qconfig_dict)
+    assert [qat.backbone[i][0].activation_post_process.dtype for i in range(3)] == ["qint16", "qint16", "qint8"]
+    rows = {line.split()[0]: line.split()[2] for line in quant.qconfig_report(model, qconfig_dict).splitlines()[1:]}
+    assert (rows["backbone.0.0"], rows["backbone.2.0"], rows["backbone.2.2"]) == ("qint16", "qint8", "qint8")
+
+
+def test_bn_corner_cases_fold_without_nan_or_are_refused():
+    model = nn.Sequential(quant.QuantStub(), nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.ReLU(),
+                          nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), quant.DeQuantStub())
+    model[5].weight.data.zero_()  # gamma = 0, as zero_init_residual does
+    qat = quant.prepare_qat(model)
+    x = torch.randn(2, 1, 5, 5)
+    for mode in (True, False):
+        assert torch.isfinite(qat.train(mode)(x)).all()
+    with pytest.raises(ValueError, match="track_running_stats=False cannot be folded"):
+        quant.prepare_qat(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)))
+    with pytest.raises(quant.QuantizationError, match="already prepared"):
+        quant.prepare_qat(qat)
+    with pytest.raises(ValueError, match=r"qconfig_dict\[''\]: expected a QConfig .* got function"):
+        quant.prepare_qat(model, {"": quant.get_default_qat_qconfig})
