@@ -14,7 +14,7 @@ from hat.checkpoint import load_checkpoint, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine.runtime import seed_everything, select_device
-from hat.engine.stages import build_model, build_trainer, resume_trainer
+from hat.engine.stages import RECIPE_KEYS, build_model, build_trainer, config_differences, resume_trainer
 from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
 from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,
@@ -24,6 +24,8 @@ from hat.registry import register
 
 log = logging.getLogger("hat")
 ADAPTIVE_OPTIMIZERS = ("AdamW",)
+QUANT_KEYS = ("quant.activation_dtype", "quant.algorithm", "quant.int16_modules", "quant.high_precision_outputs",
+              "quant.float_modules")  # what shapes the prepared model and its calibrated ranges
 
 
 def qconfig_dict_from_config(cfg: DictConfig, model: nn.Module) -> dict:
@@ -91,6 +93,8 @@ def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> 
             model(images.to(device))
             if seen == cfg.quant.calibration_batches:
                 break
+    if seen == 0:
+        raise ConfigError(f"calibration saw no data: data.train ({cfg.data.train.type}) is empty")
     set_fake_quant_state(model, "validation")
     val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     metrics = evaluate(model, val_loader, device)
@@ -107,7 +111,12 @@ def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str
     model = prepared_model(cfg)
     if not resume:
         source = _previous_weights(cfg, "calibration")
-        model.load_state_dict(load_checkpoint(source, required=("model",))["model"])
+        state = load_checkpoint(source, required=("model",))
+        changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
+        if changed:
+            raise ConfigError(f"the config changed since calibration ({'; '.join(changed)}): the calibrated "
+                              f"ranges in {source} no longer fit; rerun --stage calibration (with --overwrite)")
+        model.load_state_dict(state["model"])
     cfg = _sgd_fallback(cfg)
     save_config(cfg, out_dir / "config.yaml")  # the recipe QAT really runs with
     set_fake_quant_state(model, "qat")
@@ -115,7 +124,7 @@ def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str
     if cfg.quant.freeze_bn_epoch is not None:
         trainer.callbacks.insert(0, _FreezeBN(cfg.quant.freeze_bn_epoch))
     if resume:
-        resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg)
+        resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg, (*RECIPE_KEYS, *QUANT_KEYS))
     return trainer.fit()
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -106,10 +106,13 @@ def check_model_fits_data(cfg: DictConfig, model: nn.Module, loader: DataLoader,
         model.train(was_training)
 
 
-def resume_trainer(trainer: Trainer, path: str | Path, cfg: DictConfig) -> None:
+RECIPE_KEYS = ("model", "optimizer.type", "scheduler.type")
+
+
+def resume_trainer(trainer: Trainer, path: str | Path, cfg: DictConfig, keys: Sequence[str] = RECIPE_KEYS) -> None:
     """Restore a trainer and its checkpoint callback's best metric from `path`."""
     state = load_checkpoint(path, required=CHECKPOINT_KEYS)
-    _check_same_recipe(state, cfg, path)
+    _check_same_recipe(state, cfg, path, keys)
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -122,13 +125,18 @@ def resume_trainer(trainer: Trainer, path: str | Path, cfg: DictConfig) -> None:
     log.info("resumed from %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
 
 
-def _check_same_recipe(state: dict, current: DictConfig, path: str | Path) -> None:
-    """Resuming with another model, optimizer or schedule cannot continue the same run: say which differs."""
+def config_differences(state: dict, current: DictConfig, keys: Sequence[str]) -> list[str]:
+    """The `keys` whose value in the config saved in a checkpoint differs from `current` ("key: old -> new")."""
     if not state.get("config"):
-        return
+        return []
     saved = OmegaConf.create(state["config"])
-    differ = [key for key in ("model", "optimizer.type", "scheduler.type")
-              if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+    return [f"{key}: {OmegaConf.select(saved, key)} -> {OmegaConf.select(current, key)}" if "." in key else key
+            for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(current, key)]
+
+
+def _check_same_recipe(state: dict, current: DictConfig, path: str | Path, keys: Sequence[str]) -> None:
+    """Resuming with another model, optimizer or schedule cannot continue the same run: say which differs."""
+    differ = config_differences(state, current, keys)
     if differ:
         raise CheckpointError(f"cannot resume from {path}: {', '.join(differ)} differ from the run that wrote it "
                               f"(see its config.yaml); resume with the same config, or start a new run with "

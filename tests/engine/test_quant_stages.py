@@ -86,3 +86,11 @@ def test_learned_range_algorithms_run_end_to_end(digits_cfg, tmp_path, algorithm
     prepared = prepared_model(digits_cfg(*common))
     assert prepared.backbone[1][0].activation_post_process.dtype == "qint16"
     assert prepared.backbone[2][0].activation_post_process.dtype == "qint8"
+
+
+def test_qat_refuses_a_calibration_made_with_another_quant_config(digits_cfg):
+    run_stage(digits_cfg("stage=float", "trainer.epochs=1"))
+    run_stage(digits_cfg("stage=calibration"))
+    with pytest.raises(ConfigError, match=r"the config changed since calibration \(quant\.activation_dtype: qint8 -> "
+                                          r"qint16\).*rerun --stage calibration"):
+        run_stage(digits_cfg("stage=qat", "quant.activation_dtype=qint16"))
