@@ -112,6 +112,10 @@ class FakeQuantize(nn.Module):
         else:
             self.scale.copy_(scale)
 
+    def current_scale(self) -> torch.Tensor:
+        """The scale the fake quant applies now (what convert and QTensors use)."""
+        return self.scale
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         scale = _channel_view(self.scale, x, self.ch_axis).to(x.dtype)
         return _SteFakeQuant.apply(x, scale, self.quant_min, self.quant_max, self.rounding)
@@ -119,7 +123,7 @@ class FakeQuantize(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point"):  # per-channel sizes are only known once observed
             if prefix + name in state_dict:
-                _replace(self, name, torch.empty_like(state_dict[prefix + name]))
+                _replace(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -137,6 +141,9 @@ class LSQFakeQuantize(FakeQuantize):
         super().__init__(observer, dtype, ch_axis, rounding, **observer_kwargs)
         del self.scale
         self.scale = nn.Parameter(torch.tensor([1.0]))
+
+    def current_scale(self) -> torch.Tensor:
+        return self.scale.detach().clamp(min=EPS)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         per_scale = x.numel() // self.scale.numel()
@@ -162,6 +169,9 @@ class PACTFakeQuantize(FakeQuantize):
         with torch.no_grad():
             self.alpha.copy_(amax.to(self.alpha.device))
             self.scale.copy_(self.alpha / self.divisor)
+
+    def current_scale(self) -> torch.Tensor:
+        return (self.alpha.detach() / self.divisor).clamp(min=EPS)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha.to(x.dtype)

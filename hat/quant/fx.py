@@ -35,8 +35,9 @@ def call_float_functional(module: FloatFunctional, method: str, *args):
 def prepare_qat_fx(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
                    example_inputs: Sequence[torch.Tensor] = ()) -> fx.GraphModule:
     """The QAT GraphModule of a plain torch model; `example_inputs` (a tuple) tells tensors from other values."""
-    if not example_inputs:
-        raise ValueError("prepare_qat_fx needs example_inputs=(x,) to tell tensor arithmetic from shape arithmetic")
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise ValueError("prepare_qat_fx needs example_inputs=(x,) (a tuple of the forward's arguments) to tell "
+                         "tensor arithmetic from shape arithmetic")
     gm = _trace(copy_model(model).eval())
     ShapeProp(gm).propagate(*example_inputs)
     _add_stubs(gm)
@@ -83,9 +84,13 @@ def _add_stubs(gm: fx.GraphModule) -> None:
 
 def _fuse(gm: fx.GraphModule) -> None:
     modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) not in WEIGHTED:
-            continue
+        if node.op != "call_module" or type(modules.get(node.target)) not in WEIGHTED or calls[node.target] > 1:
+            continue  # a layer called twice cannot carry one call's bn/relu into the other
         layer = modules[node.target]
         chain, bn, activation = [node], None, None
         following = _only_user(chain[-1])
@@ -124,6 +129,10 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         if node.op != "call_function":
             continue
         if node.target in _BINARY and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
+            if node.kwargs:
+                raise QuantizationError(f"prepare_qat_fx: {node.target.__name__}(..., {', '.join(node.kwargs)}=...) "
+                                        f"in {node.meta.get('stack_trace', 'the forward').strip().splitlines()[-1]}"
+                                        f" is not supported; write it with plain operators (x + alpha * y)")
             method, args = _BINARY[node.target], node.args
         elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
                 and all(_is_tensor(a) for a in node.args[0]):

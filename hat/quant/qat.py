@@ -21,7 +21,8 @@ class _Named(nn.Module):
     hat_name = ""  # the module's name in the prepared model, for error messages
 
     def _output(self, fake_quant: nn.Module, y: torch.Tensor) -> QTensor:
-        return QTensor(fake_quant(y), fake_quant.scale, fake_quant.dtype, self.hat_name)
+        out = fake_quant(y)
+        return QTensor(out, fake_quant.current_scale(), fake_quant.dtype, self.hat_name)
 
     def _input(self, x) -> torch.Tensor:
         return as_qtensor(x, self.hat_name)._plain_op().dequantize()

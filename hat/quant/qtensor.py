@@ -33,11 +33,12 @@ class QuantizationError(RuntimeError):
 
 
 class QTensor:
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = ""):
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "", axis: int = 1):
         current_profile().qrange(dtype)  # validates the dtype
         if scale.numel() > 1 and dtype != "qint32":
             raise QuantizationError("only a high-precision (qint32) QTensor has a per-channel scale")
         self.data, self.scale, self.dtype, self.producer = data, scale.reshape(-1), dtype, producer
+        self.axis = axis  # the channel axis of a per-channel scale
 
     # --- what it is -----------------------------------------------------------------------------------------
     @property
@@ -52,7 +53,7 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         if not self.is_quantized:
             return self.data
-        scale = along_axis(self.scale, self.data, 1) if self.scale.numel() > 1 else self.scale
+        scale = along_axis(self.scale, self.data, self.axis) if self.scale.numel() > 1 else self.scale
         return (self.data.double() * scale.double()).float()  # float64 keeps int32 values exact
 
     def int_repr(self) -> torch.Tensor:
@@ -123,7 +124,9 @@ class QTensor:
         return self._plain_op().with_data(self.data[index])
 
     def _const_steps(self, value: float) -> torch.Tensor:
+        qmin, qmax = current_profile().qrange(self.dtype)
         steps = round_half_up(torch.as_tensor(value, dtype=torch.float64) / self.scale.detach().double())
+        steps = steps.clamp(qmin - qmax, qmax - qmin)  # anything beyond saturates anyway; never wraps in int32
         return steps.to(torch.int32) if self.is_quantized else steps.float() * self.step
 
     def _wide(self) -> torch.Tensor:
@@ -145,7 +148,7 @@ class QTensor:
         if handler is None:
             name = getattr(func, "__name__", str(func))
             raise QuantizationError(
-                f"{name} is not supported on a QTensor. Supported: {', '.join(sorted(supported_ops()))}. Either "
+                f"{name} is not supported on a QTensor. Supported: {', '.join(supported_ops())}. Either "
                 f"compute it in float (DeQuantStub before, QuantStub after) or use a FloatFunctional method")
         return handler(*args, **(kwargs or {}))
 
@@ -153,6 +156,10 @@ class QTensor:
         method = getattr(torch.Tensor, name, None)
         if method in _HANDLERS:
             return lambda *args, **kwargs: _HANDLERS[method](self, *args, **kwargs)
+        if method is not None and not name.startswith("_"):
+            raise QuantizationError(f"Tensor.{name} is not supported on a QTensor (from '{self.producer or '?'}'). "
+                                    f"Supported: {', '.join(supported_ops())}. Compute it in float (DeQuantStub "
+                                    f"before, QuantStub after) or use a FloatFunctional method")
         raise AttributeError(f"QTensor has no attribute '{name}'")
 
 
@@ -164,7 +171,7 @@ def _needs_float_functional(symbol: str, method: str) -> QuantizationError:
 
 
 def supported_ops() -> list[str]:
-    return [getattr(f, "__name__", str(f)) for f in _HANDLERS]
+    return sorted({getattr(f, "__name__", str(f)) for f in _HANDLERS})
 
 
 def _register(*funcs: Callable):
@@ -232,6 +239,9 @@ def _global_average(x: QTensor, output_size) -> QTensor:
 @_register(F.avg_pool2d)
 def _average(x: QTensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
              divisor_override=None) -> QTensor:
+    if ceil_mode or (padding and not count_include_pad):
+        raise QuantizationError("avg_pool2d on a QTensor needs windows of one size: ceil_mode=False, and "
+                                "count_include_pad=True when padding")
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     area = divisor_override or k[0] * k[1]
     sums = lambda d: F.avg_pool2d(d, k, stride, padding, ceil_mode, True, divisor_override=1)  # noqa: E731

@@ -64,17 +64,22 @@ class _QuantizedWeighted(_Named):
         return saturate(round_half_up(self.bias.double() / (input_scale.double() * self.weight_scale.double())),
                         "qint32").long()
 
+    channel_axis = 1  # where output channels are: 1 for convs (N, C, H, W), -1 for linears (..., C)
+
     def forward(self, x) -> QTensor:
         (x,) = self._inputs(x)
+        axis = self.channel_axis
         acc = torch.round(self._compute(x.data.double(), self.weight_int.double())).long()
-        acc = acc + along_axis(self.integer_bias(x.scale), acc, 1)
+        acc = acc + along_axis(self.integer_bias(x.scale), acc, axis)
         acc = saturate(acc, "qint32")  # the int32 accumulator
         if self.activation in ("relu", "relu6"):
             acc = acc.clamp(min=0)
         acc_scale = x.scale.double() * self.weight_scale.double()
         if self.out_scale is None:  # high-precision output: the accumulator itself
-            return QTensor(acc.to(torch.int32), acc_scale.float(), "qint32", self.hat_name)
-        out = requantize(acc, acc_scale / self.out_scale.double(), self.out_dtype, channel_axis=1)
+            if self.activation == "relu6":
+                acc = torch.minimum(acc, along_axis(round_half_up(6.0 / acc_scale).long(), acc, axis))
+            return QTensor(acc.to(torch.int32), acc_scale.float(), "qint32", self.hat_name, axis=axis)
+        out = requantize(acc, acc_scale / self.out_scale.double(), self.out_dtype, channel_axis=axis)
         if self.activation == "relu6":
             out = out.clamp(max=int(round_half_up(torch.tensor(6.0 / float(self.out_scale)))))
         return QTensor(out.to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype, self.hat_name)
@@ -86,6 +91,7 @@ class QuantizedConv2d(_QuantizedWeighted):
 
 
 class QuantizedLinear(_QuantizedWeighted):
+    channel_axis = -1
     def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
@@ -106,14 +112,23 @@ class QuantizedFloatFunctional(_Named):
         q = requantize(acc, acc_scale.double() / self.out_scale.double(), self.out_dtype)
         return QTensor(q.to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype, self.hat_name)
 
+    def _add_shift(self, x: QTensor, ratio: float = 0.0) -> int:
+        """The left shift of the add: within the march's limit, small enough that qscale = ratio * 2^shift fits
+        the int16 multiplier and that the output requantization keeps a full-width multiplier."""
+        profile = current_profile()
+        room = profile.max_shift - 15 - math.ceil(math.log2(max(float(x.scale) / float(self.out_scale), 1e-30)))
+        fits = math.floor(math.log2(profile.multiplier_max / ratio)) if ratio > 0 else profile.max_shift
+        return max(0, min(profile.add_max_shift[x.dtype], fits, room))
+
     def _aligned_sum(self, x: QTensor, y: QTensor, sign: int) -> QTensor:
-        if float(y.scale) > float(x.scale) and sign > 0:
-            x, y = y, x
+        if float(y.scale) > float(x.scale):
+            x, y, sign_x, sign_y = y, x, sign, 1  # the larger scale is shifted; x - y = -(y) + x when swapped
+        else:
+            sign_x, sign_y = 1, sign
         ratio = float(y.scale) / float(x.scale)
-        limit = current_profile().add_max_shift[x.dtype]
-        shift = max(0, min(limit, math.floor(math.log2(current_profile().multiplier_max / max(ratio, 1e-30)))))
-        qscale = sign * int(round_half_up(torch.tensor(ratio * 2 ** shift, dtype=torch.float64)))
-        acc = (x.data.long() << shift) + y.data.long() * qscale
+        shift = self._add_shift(x, ratio)
+        qscale = sign_y * int(round_half_up(torch.tensor(ratio * 2 ** shift, dtype=torch.float64)))
+        acc = sign_x * (x.data.long() << shift) + y.data.long() * qscale
         return self._out(acc, x.scale / 2 ** shift)
 
     def add(self, x, y):
@@ -128,7 +143,7 @@ class QuantizedFloatFunctional(_Named):
 
     def add_scalar(self, x, value: float):
         (x,) = self._inputs(x)
-        shift = current_profile().add_max_shift[x.dtype]
+        shift = self._add_shift(x)
         constant = int(round_half_up(torch.tensor(value / float(x.scale) * 2 ** shift, dtype=torch.float64)))
         return self._out((x.data.long() << shift) + constant, x.scale / 2 ** shift)
 

@@ -1,11 +1,12 @@
 """convert: integer weights and J5 arithmetic that agree with the QAT model within a quantization step."""
+import pytest
 import torch
 from torch import nn
 
 from hat import quant
 from hat.models import create_model
 from hat.quant import QTensor
-from hat.quant.quantized import QuantizedConv2d, QuantizedFloatFunctional
+from hat.quant.quantized import QuantizedConv2d, QuantizedFloatFunctional, QuantizedLinear
 from hat.quant.qtensor import quantize
 
 
@@ -71,3 +72,39 @@ def test_integer_add_follows_the_shift_and_int16_multiplier_form():
     assert out.data.dtype == torch.int8
     torch.testing.assert_close(out.dequantize(), x.dequantize() + y.dequantize(), rtol=0, atol=0.05 / 2 + 1e-6)
     assert torch.equal(add.add(y, x).data, out.data)  # operand order does not matter
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3, 0.01, 0.001])
+def test_integer_add_sub_and_add_scalar_match_exact_rounding(ratio):
+    """The add keeps a full-width output multiplier: results equal exact half-up rounding of the real sum, but
+    for (almost never) a one-step difference from the 16-bit multipliers."""
+    torch.manual_seed(0)
+    ff = QuantizedFloatFunctional(torch.tensor([0.05]), "qint8")
+    x = quantize(torch.randn(5000) * 2, torch.tensor([0.04]), "qint8")
+    y = quantize(torch.randn(5000) * 2 * ratio, torch.tensor([0.04 * ratio]), "qint8")
+    exact = lambda v: torch.floor(v.double() / 0.05 + 0.5).clamp(-128, 127)  # noqa: E731
+    for got, real in [(ff.add(x, y), x.dequantize() + y.dequantize()), (ff.sub(x, y), x.dequantize() - y.dequantize()),
+                      (ff.sub(y, x), y.dequantize() - x.dequantize()), (ff.add_scalar(x, 0.37), x.dequantize() + 0.37)]:
+        assert (got.data.double() != exact(real)).float().mean() <= 5e-4
+
+
+def test_high_precision_relu6_and_linear_on_sequences():
+    layer = nn.Linear(4, 3)
+    lin = QuantizedLinear(layer, torch.ones(3, 4), torch.zeros(3), torch.tensor([0.01, 0.02, 0.04]), None, "qint32",
+                          "relu6")
+    x = quantize(torch.full((2, 5, 4), 2.0), torch.tensor([0.05]), "qint8")  # (N, L, C) input, L != C
+    out = lin(x)
+    assert out.dtype == "qint32" and out.data.shape == (2, 5, 3)
+    torch.testing.assert_close(out.dequantize(), torch.full((2, 5, 3), 6.0), atol=0.01, rtol=0)  # 8.0 clipped at 6
+
+
+def test_convert_refuses_an_uncalibrated_model():
+    qat = quant.prepare_qat(create_model("convnet_small"))
+    with pytest.raises(quant.QuantizationError, match="never observed data.*calibrate first"):
+        quant.convert(qat)
+
+
+def test_constants_far_outside_the_range_saturate_instead_of_wrapping():
+    x = quantize(torch.tensor([1.0, -1.0]), torch.tensor([0.01]), "qint8")
+    assert (x + 3e7).data.tolist() == [127, 127] and (x - 3e7).data.tolist() == [-128, -128]
+    assert torch.nn.functional.hardtanh(x, 0.0, 1e8).data.tolist() == [100, 0]

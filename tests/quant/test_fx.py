@@ -41,3 +41,28 @@ def test_torchvision_models_prepare_calibrate_and_convert(ctor, convs, adds):
 def test_example_inputs_are_required():
     with pytest.raises(ValueError, match=r"example_inputs=\(x,\)"):
         quant.prepare_qat_fx(torchvision.models.resnet18())
+
+
+def test_a_layer_called_twice_is_not_fused_and_alpha_is_refused():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))  # fusing the relu into conv would apply it to both calls
+
+    model, x = Twice().eval(), torch.randn(2, 2, 4, 4)
+    qat = quant.prepare_qat_fx(model, example_inputs=(x,))
+    quant.set_fake_quant_state(qat, "calibration")
+    with torch.no_grad():
+        torch.testing.assert_close(qat.eval()(x), model(x), rtol=1e-4, atol=1e-4)
+
+    class Alpha(torch.nn.Module):
+        def forward(self, x):
+            return torch.add(x, x * 2, alpha=3)
+
+    with pytest.raises(quant.QuantizationError, match=r"add\(\.\.\., alpha=\.\.\.\).*write it with plain operators"):
+        quant.prepare_qat_fx(Alpha(), example_inputs=(x,))
+    with pytest.raises(ValueError, match="a tuple of the forward's arguments"):
+        quant.prepare_qat_fx(Alpha(), example_inputs=x)
