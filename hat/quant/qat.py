@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hat.quant.fuse import FusedLayer
+from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
 from hat.quant.qtensor import QTensor, QuantizationError, along_axis, as_qtensor, dequantize
 
@@ -44,7 +45,7 @@ class QATDeQuantStub(_Named):
         return dequantize(x)
 
 
-class QATFloatFunctional(_Named):
+class QATFloatFunctional(FunctionalMethods, _Named):
     """Tensor-tensor arithmetic on QTensors, with the output scale observed by its own fake quant."""
 
     def __init__(self, qconfig: QConfig):
@@ -54,22 +55,22 @@ class QATFloatFunctional(_Named):
                                     "high-precision one")
         self.activation_post_process = qconfig.activation()
 
-    def add(self, x, y):
+    def _add(self, x, y):
         return self._output(self.activation_post_process, self._input(x) + self._input(y))
 
-    def sub(self, x, y):
+    def _sub(self, x, y):
         return self._output(self.activation_post_process, self._input(x) - self._input(y))
 
-    def mul(self, x, y):
+    def _mul(self, x, y):
         return self._output(self.activation_post_process, self._input(x) * self._input(y))
 
-    def add_scalar(self, x, value: float):
+    def _add_scalar(self, x, value: float):
         return self._output(self.activation_post_process, self._input(x) + value)
 
-    def mul_scalar(self, x, value: float):
+    def _mul_scalar(self, x, value: float):
         return self._output(self.activation_post_process, self._input(x) * value)
 
-    def cat(self, tensors: Sequence, dim: int = 0):
+    def _cat(self, tensors: Sequence, dim: int = 0):
         return self._output(self.activation_post_process, torch.cat([self._input(t) for t in tensors], dim))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from hat.backend.j5.arith import requantize, round_half_up, saturate
 from hat.quant.march import current_profile
+from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import TORCH_DTYPES, QTensor, along_axis, as_qtensor, dequantize, quantize
 
 
@@ -96,7 +97,7 @@ class QuantizedLinear(_QuantizedWeighted):
         return F.linear(x, weight)
 
 
-class QuantizedFloatFunctional(_Named):
+class QuantizedFloatFunctional(FunctionalMethods, _Named):
     """add/sub/mul/cat/scalar ops on integers, each ending in one requantization to the observed output scale.
 
     add (public J5 form): acc = (x << shift) + y * qscale with an int16 qscale = round(s_y * 2^shift / s_x),
@@ -131,28 +132,28 @@ class QuantizedFloatFunctional(_Named):
         acc = sign_x * (x.data.long() << shift) + y.data.long() * qscale
         return self._out(acc, x.scale / 2 ** shift)
 
-    def add(self, x, y):
+    def _add(self, x, y):
         return self._aligned_sum(*self._inputs(x, y), 1)
 
-    def sub(self, x, y):
+    def _sub(self, x, y):
         return self._aligned_sum(*self._inputs(x, y), -1)
 
-    def mul(self, x, y):
+    def _mul(self, x, y):
         x, y = self._inputs(x, y)
         return self._out(x.data.long() * y.data.long(), x.scale * y.scale)
 
-    def add_scalar(self, x, value: float):
+    def _add_scalar(self, x, value: float):
         (x,) = self._inputs(x)
         shift = self._add_shift(x)
         constant = int(round_half_up(torch.tensor(value / float(x.scale) * 2 ** shift, dtype=torch.float64)))
         return self._out((x.data.long() << shift) + constant, x.scale / 2 ** shift)
 
-    def mul_scalar(self, x, value: float):
+    def _mul_scalar(self, x, value: float):
         (x,) = self._inputs(x)
         sign = -1 if value < 0 else 1
         return self._out(x.data.long() * sign, x.scale * abs(value))
 
-    def cat(self, tensors, dim: int = 0):
+    def _cat(self, tensors, dim: int = 0):
         parts = [requantize(t.data.long(), t.scale.double() / self.out_scale.double(), self.out_dtype)
                  for t in self._inputs(*tensors)]
         return QTensor(torch.cat(parts, dim).to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype,

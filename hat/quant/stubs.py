@@ -25,26 +25,49 @@ class DeQuantStub(nn.Module):
         return x
 
 
-class FloatFunctional(nn.Module):
-    """Tensor-tensor arithmetic as a module: `self.f = FloatFunctional()`, then `self.f.add(x, y)`."""
+class FunctionalMethods:
+    """add/sub/mul/add_scalar/mul_scalar/cat as methods that go through the module call, so forward hooks
+    (quant.compare, user hooks) see them; subclasses implement `_add`, `_sub`, ...; `forward(op, *args)`."""
 
     def add(self, x, y):
-        return x + y
+        return self("add", x, y)
 
     def sub(self, x, y):
-        return x - y
+        return self("sub", x, y)
 
     def mul(self, x, y):
-        return x * y
+        return self("mul", x, y)
 
     def add_scalar(self, x, value: float):
-        return x + value
+        return self("add_scalar", x, value)
 
     def mul_scalar(self, x, value: float):
-        return x * value
+        return self("mul_scalar", x, value)
 
     def cat(self, tensors: Sequence, dim: int = 0):
-        return torch.cat(list(tensors), dim)
+        return self("cat", list(tensors), dim)
 
-    def forward(self, *args):
-        raise RuntimeError("FloatFunctional is not called directly: use its methods, e.g. self.f.add(x, y)")
+    def forward(self, op: str, *args):
+        return getattr(self, f"_{op}")(*args)
+
+
+class FloatFunctional(FunctionalMethods, nn.Module):
+    """Tensor-tensor arithmetic as a module: `self.f = FloatFunctional()`, then `self.f.add(x, y)`."""
+
+    def _add(self, x, y):
+        return x + y
+
+    def _sub(self, x, y):
+        return x - y
+
+    def _mul(self, x, y):
+        return x * y
+
+    def _add_scalar(self, x, value: float):
+        return x + value
+
+    def _mul_scalar(self, x, value: float):
+        return x * value
+
+    def _cat(self, tensors: Sequence, dim: int = 0):
+        return torch.cat(tensors, dim)

@@ -38,3 +38,15 @@ def test_compare_finds_the_layer_that_breaks():
     first_bad = next(d.name for d in report if d.sqnr_db < 0)
     assert first_bad == "backbone.1.0" and report.worst(1)[0].sqnr_db < 0
     assert {d.name: d.sqnr_db for d in report}["backbone.0.0"] > 20  # layers before it are unaffected
+
+
+def test_compare_sees_float_functional_adds():
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, cifar_stem=True).eval()
+    qat = quant.prepare_qat(model, {"": quant.get_default_qat_qconfig(), "module_name": [("loss", None)]})
+    x = torch.randn(2, 3, 32, 32)
+    quant.set_fake_quant_state(qat, "calibration")
+    qat.eval()(x)
+    quant.set_fake_quant_state(qat, "validation")
+    rows = {d.name: d for d in quant.compare(model, qat, (x,))}
+    assert (rows["backbone.1.add"].module_a, rows["backbone.1.add"].module_b) == ("FloatFunctional", "QATFloatFunctional")

@@ -35,7 +35,7 @@ def test_quantized_model_computes_in_integers_and_tracks_the_qat_model():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected, got = qat(x), qmodel(x)
-    assert set(seen) == {torch.int8} and len(seen) == 20  # every conv (stem, 16 in blocks, 3 shortcuts)
+    assert set(seen) == {torch.int8} and len(seen) == 28  # 20 convs (stem, 16 in blocks, 3 shortcuts), 8 adds
     assert isinstance(qmodel.backbone[1].add, QuantizedFloatFunctional)
     assert torch.corrcoef(torch.stack([expected.flatten(), got.flatten()]))[0, 1] > 0.99
     assert qat.backbone[0][0].layer.weight is not None and isinstance(qmodel.head[2].weight_int, torch.Tensor)
