@@ -45,34 +45,18 @@ def test_missing_file():
         load_config("nope.yaml")
 
 
-def test_bad_override_syntax():
-    with pytest.raises(ConfigError, match="override syntax error.*key=value"):
-        load_config(DIGITS, ["trainer.epochs=[1,"])
-
-
-def test_override_of_missing_key_without_plus():
-    with pytest.raises(ConfigError, match=r"Could not override 'trainer\.epochz'.*\+trainer\.epochz=1"):
-        load_config(DIGITS, ["trainer.epochz=1"])
-
-
-def test_added_key_in_typed_section_suggests_the_real_one():
-    with pytest.raises(ConfigError, match=r"unknown key 'trainer\.epochz'\. Did you mean 'trainer\.epochs'\?"):
-        load_config(DIGITS, ["+trainer.epochz=1"])
-
-
-def test_delete_of_missing_key():
-    with pytest.raises(ConfigError, match="'nokey' does not exist"):
-        load_config(DIGITS, ["~nokey"])
-
-
-def test_wrong_value_type_names_key():
-    with pytest.raises(ConfigError, match=r"bad value at 'trainer\.epochs'.*'abc'"):
-        load_config(DIGITS, ["trainer.epochs=abc"])
-
-
-def test_unknown_stage():
-    with pytest.raises(ConfigError, match="unknown stage 'qta'"):
-        load_config(DIGITS, ["stage=qta"])
+@pytest.mark.parametrize("override,message", [
+    ("trainer.epochs=[1,", r"override syntax error.*key=value"),
+    ("trainer.epochz=1", r"Could not override 'trainer\.epochz'.*\+trainer\.epochz=1"),
+    ("+trainer.epochz=1", r"unknown key 'trainer\.epochz'\. Did you mean 'trainer\.epochs'\?"),
+    ("~nokey", r"'nokey' does not exist"),
+    ("trainer.epochs=abc", r"bad value at 'trainer\.epochs'.*'abc'"),
+    ("stage=qta", r"unknown stage 'qta'"),
+], ids=["bad-syntax", "missing-key-without-plus", "typo-in-typed-section", "delete-missing", "wrong-type",
+        "unknown-stage"])
+def test_override_mistakes_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, [override])
 
 
 def test_missing_defaults_entry(tmp_path):
