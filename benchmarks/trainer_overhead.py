@@ -88,7 +88,8 @@ def main() -> None:
                 bare_times.append(b)
                 trainer_times.append(t)
     steps = len(loader) * args.epochs
-    print(f"model {args.model}, digits, batch {cfg.data.batch_size}, {len(loader)} steps/epoch, {args.threads} threads, "
+    print(f"model {args.model}, digits, batch {cfg.data.batch_size}, {len(loader)} steps/epoch, "
+          f"{args.threads} threads, "
           f"{args.rounds} rounds x {args.epochs} epochs per loop, order alternating, "
           f"callbacks: {'none' if args.no_callbacks else 'TensorBoard + progress bar'}")
     print(f"bare loop  {statistics.median(bare_times) * 1e3 / steps:.2f} ms/step (median)")

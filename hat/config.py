@@ -131,7 +131,8 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     return merged
 
 
-_AT_LEAST = {"quant.calibration_batches": 1, "trainer.epochs": 1, "trainer.accum_steps": 1, "trainer.log_interval": 1, "trainer.eval_interval": 1,
+_AT_LEAST = {"quant.calibration_batches": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
+             "trainer.log_interval": 1, "trainer.eval_interval": 1,
              "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
 
 

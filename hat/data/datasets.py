@@ -78,7 +78,8 @@ def read_idx(path: Path) -> np.ndarray:
         array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return array.reshape(shape)
     except (OSError, EOFError, ValueError, struct.error) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}; the file is corrupt or not IDX, reinstall the data")
+        raise DataError(f"cannot read IDX file {path}: {exc}; the file is corrupt or not IDX, reinstall the data") \
+            from None
 
 
 @register(kind="dataset")

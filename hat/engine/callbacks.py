@@ -110,7 +110,8 @@ class ProgressCallback(Callback):
         if self.bar_enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", leave=False)
+            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}",
+                            leave=False)
 
     def after_step(self, trainer: Trainer) -> None:
         self.last_step = time.perf_counter()

@@ -75,7 +75,7 @@ def _add_stubs(gm: fx.GraphModule) -> None:
         with graph.inserting_after(node):
             stub = graph.call_module(name, (node,))
         stub.meta = dict(node.meta)
-        node.replace_all_uses_with(stub, delete_user_cb=lambda user: user is not stub)
+        node.replace_all_uses_with(stub, delete_user_cb=lambda user, stub=stub: user is not stub)
     output = next(n for n in graph.nodes if n.op == "output")
     gm.add_submodule("dequant_output", DeQuantStub())
     with graph.inserting_before(output):
@@ -136,7 +136,8 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
             method, args = _BINARY[node.target], node.args
         elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
                 and all(_is_tensor(a) for a in node.args[0]):
-            method, args = "cat", (list(node.args[0]), node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            method, args = "cat", (list(node.args[0]), dim)
         else:
             continue
         name = f"{node.name}_float_functional"

@@ -89,8 +89,8 @@ def resolve_qconfigs(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -
     resolved: dict[str, Optional[QConfig]] = {}
     for name, module in model.named_modules():
         parent = resolved[name.rpartition(".")[0]] if name else qconfig_dict.get("")
-        qconfig = by_type.get(type(getattr(module, "layer", module)) if isinstance(module, FusedLayer) else type(module),
-                              parent)
+        kind = type(module.layer) if isinstance(module, FusedLayer) else type(module)  # a fused conv is a conv
+        qconfig = by_type.get(kind, parent)
         qconfig = by_name.get(name, qconfig)
         resolved[name] = getattr(module, "qconfig", qconfig)
     return resolved

@@ -50,14 +50,16 @@ class _QuantizedWeighted(_Named):
         qmin, qmax = current_profile().qrange(current_profile().weight_dtype)
         scale = weight_scale.detach().reshape(-1)
         per_channel = along_axis(scale, weight, 0)
-        self.register_buffer("weight_int", round_half_up(weight.detach() / per_channel).clamp(qmin, qmax).to(torch.int8))
+        weight_int = round_half_up(weight.detach() / per_channel).clamp(qmin, qmax).to(torch.int8)
+        self.register_buffer("weight_int", weight_int)
         self.register_buffer("weight_scale", scale.clone())
         self.register_buffer("bias", (bias if bias is not None else torch.zeros(len(scale))).detach().clone())
         self.register_buffer("out_scale", out_scale.detach().clone().reshape(1) if out_scale is not None else None)
         self.out_dtype, self.activation = out_dtype, activation
 
     def extra_repr(self) -> str:
-        out = "qint32 (high precision)" if self.out_scale is None else f"{self.out_dtype}, scale={float(self.out_scale):.6g}"
+        out = ("qint32 (high precision)" if self.out_scale is None
+               else f"{self.out_dtype}, scale={float(self.out_scale):.6g}")
         return f"weight=int8{tuple(self.weight_int.shape)}, out={out}, activation={self.activation}, {self.layer_args}"
 
     def integer_bias(self, input_scale: torch.Tensor) -> torch.Tensor:
