@@ -206,6 +206,34 @@ def test_faq_2_3_q10_and_2_4_q11_to_q13_graph_mode_takes_plain_arithmetic():
     assert torch.corrcoef(torch.stack([out.flatten(), expected.flatten()]))[0, 1] > 0.99
 
 
+class FaqWeights(nn.Module):
+    """FAQ 2.3 Q10's model before its manual fix: a learnable weight vector and a float epsilon in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.p5_w1 = nn.Parameter(torch.ones(2))
+        self.epsilon = nn.Buffer(torch.tensor([1e-4]))
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        w = torch.relu(self.p5_w1)
+        return self.conv(x) * (w.sum() + self.epsilon)
+
+
+def test_faq_2_3_q10_model_tensors_in_arithmetic_get_their_own_quant_stub():
+    torch.manual_seed(0)
+    model, x = FaqWeights(), torch.randn(2, 2, 4, 4)
+    qat = quant.prepare_qat_fx(model, example_inputs=(x,))
+    assert {"quant_sum_1", "quant_epsilon"} <= {name for name, _ in qat.named_children()}
+    quant.set_fake_quant_state(qat, "calibration")
+    qat(x)
+    quant.set_fake_quant_state(qat, "qat")
+    out = qat(x)
+    out.sum().backward()
+    assert qat.p5_w1.grad is not None  # the weight still learns through its fake quant
+    assert torch.corrcoef(torch.stack([out.flatten(), model(x).flatten()]))[0, 1] > 0.99
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

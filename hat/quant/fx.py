@@ -124,7 +124,27 @@ def _activation_of(node: fx.Node, modules: dict) -> Optional[str]:
 
 
 def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
+    """Tensor-tensor add/sub/mul/cat -> FloatFunctional calls. An operand computed from the model's own tensors
+    only (a parameter or buffer such as the FAQ's epsilon, not the input) gets its own QuantStub first: the
+    FAQ 2.3 Q10 fix, done for the user."""
     graph = gm.graph
+    stubs: dict[fx.Node, fx.Node] = {}
+    from_input: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
+            from_input.add(node)
+
+    def quantized(arg):
+        if not isinstance(arg, fx.Node) or arg in from_input:
+            return arg
+        if arg not in stubs:
+            name = f"quant_{arg.name}"
+            gm.add_submodule(name, QuantStub())
+            with graph.inserting_after(arg):
+                stubs[arg] = graph.call_module(name, (arg,))
+            stubs[arg].meta = dict(arg.meta)
+        return stubs[arg]
+
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -142,6 +162,7 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
             continue
         name = f"{node.name}_float_functional"
         gm.add_submodule(name, FloatFunctional())
+        args = tuple([quantized(a) for a in arg] if isinstance(arg, list) else quantized(arg) for arg in args)
         with graph.inserting_before(node):
             module = graph.get_attr(name)
             replacement = graph.call_function(call_float_functional, (module, method, *args))
