@@ -166,7 +166,9 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         with graph.inserting_before(node):
             module = graph.get_attr(name)
             replacement = graph.call_function(call_float_functional, (module, method, *args))
-        replacement.meta = node.meta  # later rewrites still see a tensor here
+        replacement.meta = node.meta  # later rewrites still see a tensor here ...
+        if node in from_input:
+            from_input.add(replacement)  # ... computed from the input
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
 
