@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hat.data import start_epoch
-from hat.engine.nonfinite import NonFiniteError, is_finite, non_finite_message
+from hat.engine.nonfinite import NonFiniteError, non_finite_message
 from hat.engine.runtime import rng_state, set_rng_state
 from hat.errors import UsageError
 
@@ -80,12 +80,12 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             group_start = i - i % self.accum_steps
             group = min(self.accum_steps, batches - group_start)  # the last group of an epoch may be short
-            if not is_finite(images):
+            if not math.isfinite(float(images.float().sum())):  # before forward: NaN must not reach BN statistics
                 poisoned = poisoned or "input batch (NaN/Inf in the data)"
             else:
                 with self.autocast():
                     loss, _ = self.model(images, targets)
-                if not is_finite(loss.detach()):
+                if not math.isfinite(loss.item()):
                     poisoned = poisoned or "loss"
                 else:
                     self.scaler.scale(loss / group if group > 1 else loss).backward()
