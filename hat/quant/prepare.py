@@ -10,7 +10,7 @@ from torch import nn
 from hat.quant.fake_quantize import set_fake_quant_state
 from hat.quant.fuse import FusedLayer, find_sequential_groups, fuse_modules, replace_module
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub
-from hat.quant.qconfig import QConfig, get_default_qat_qconfig, resolve_qconfigs
+from hat.quant.qconfig import QConfig, effective_qconfigs, get_default_qat_qconfig
 from hat.quant.qtensor import QuantizationError
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
@@ -40,18 +40,6 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
             swapped.append(name)
     set_fake_quant_state(model, "qat")
     return model
-
-
-def effective_qconfigs(model: nn.Module, qconfig_dict: dict[str, Any]) -> dict[str, Optional[QConfig]]:
-    """The qconfig each module ends up with: resolved on the model as written (types and names the user knows),
-    then one per fused group: the layer's, unless a later member (bn, relu) is named explicitly."""
-    qconfigs = resolve_qconfigs(model, qconfig_dict)
-    named = {name for name, _ in qconfig_dict.get("module_name") or []}
-    for group in find_sequential_groups(model):
-        chosen = next((n for n in reversed(group) if n in named), group[0])
-        for name in group:
-            qconfigs[name] = qconfigs[chosen]
-    return qconfigs
 
 
 def _qat_module(module: nn.Module, qconfig: QConfig) -> Optional[nn.Module]:

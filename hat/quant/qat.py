@@ -15,18 +15,16 @@ from torch import nn
 from hat.quant.fuse import FusedLayer
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
-from hat.quant.qtensor import QTensor, QuantizationError, along_axis, as_qtensor, dequantize
+from hat.quant.qtensor import NamedQuantModule, QTensor, QuantizationError, along_axis, dequantize
 
 
-class _Named(nn.Module):
-    hat_name = ""  # the module's name in the prepared model, for error messages
-
+class _Named(NamedQuantModule):
     def _output(self, fake_quant: nn.Module, y: torch.Tensor) -> QTensor:
         out = fake_quant(y)
         return QTensor(out, fake_quant.current_scale(), fake_quant.dtype, self.hat_name)
 
     def _input(self, x) -> torch.Tensor:
-        return as_qtensor(x, self.hat_name)._plain_op().dequantize()
+        return self._qinputs(x)[0].dequantize()
 
 
 class QATQuantStub(_Named):

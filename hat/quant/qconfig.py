@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import nn
 
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize
-from hat.quant.fuse import FusedLayer
+from hat.quant.fuse import FusedLayer, find_sequential_groups
 from hat.quant.march import current_profile
 from hat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
@@ -96,6 +96,18 @@ def resolve_qconfigs(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -
     return resolved
 
 
+def effective_qconfigs(model: nn.Module, qconfig_dict: dict[str, Any]) -> dict[str, Optional[QConfig]]:
+    """The qconfig each module ends up with: resolved on the model as written (types and names the user knows),
+    then one per fused group: the layer's, unless a later member (bn, relu) is named explicitly."""
+    qconfigs = resolve_qconfigs(model, qconfig_dict)
+    named = {name for name, _ in qconfig_dict.get("module_name") or []}
+    for group in find_sequential_groups(model):
+        chosen = next((n for n in reversed(group) if n in named), group[0])
+        for name in group:
+            qconfigs[name] = qconfigs[chosen]
+    return qconfigs
+
+
 def _pairs(qconfig_dict: dict, key: str, check: Callable, names: list[str]) -> list[tuple[Any, Any]]:
     entries = qconfig_dict.get(key) or []
     pairs = []
@@ -138,8 +150,6 @@ def qconfig_report(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -> 
 
     The answer to "did my int16 / high-precision setting take effect?" (FAQ 2.3 Q6) before training starts.
     """
-    from hat.quant.prepare import effective_qconfigs  # prepare builds on this module
-
     resolved = effective_qconfigs(model, qconfig_dict or {})
     rows = [("module", "type", "output", "weight")]
     for name, module in model.named_modules():

@@ -268,6 +268,15 @@ def _ste_round(v: torch.Tensor) -> torch.Tensor:
     return v + (round_half_up(v) - v).detach()
 
 
+class NamedQuantModule(torch.nn.Module):
+    """Base of the QAT and quantized modules: knows its name in the model, for messages about its inputs."""
+
+    hat_name = ""
+
+    def _qinputs(self, *xs) -> list[QTensor]:
+        return [as_qtensor(x, self.hat_name)._plain_op() for x in xs]
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "") -> QTensor:
     """Float -> quantized-mode QTensor with the march's rounding and saturation."""
     qmin, qmax = current_profile().qrange(dtype)

@@ -15,17 +15,10 @@ from torch import nn
 from hat.backend.j5.arith import requantize, round_half_up, saturate
 from hat.quant.march import current_profile
 from hat.quant.stubs import FunctionalMethods
-from hat.quant.qtensor import TORCH_DTYPES, QTensor, along_axis, as_qtensor, dequantize, quantize
+from hat.quant.qtensor import TORCH_DTYPES, NamedQuantModule, QTensor, along_axis, dequantize, quantize
 
 
-class _Named(nn.Module):
-    hat_name = ""
-
-    def _inputs(self, *xs) -> list[QTensor]:
-        return [as_qtensor(x, self.hat_name)._plain_op() for x in xs]
-
-
-class QuantizedQuantStub(_Named):
+class QuantizedQuantStub(NamedQuantModule):
     def __init__(self, scale: torch.Tensor, dtype: str):
         super().__init__()
         self.dtype = dtype
@@ -35,12 +28,12 @@ class QuantizedQuantStub(_Named):
         return x if isinstance(x, QTensor) else quantize(x, self.scale, self.dtype, self.hat_name)
 
 
-class QuantizedDeQuantStub(_Named):
+class QuantizedDeQuantStub(NamedQuantModule):
     def forward(self, x):
         return dequantize(x)
 
 
-class _QuantizedWeighted(_Named):
+class _QuantizedWeighted(NamedQuantModule):
     """int8 per-channel weight, bias folded from BN; bias and output scale resolved against the input scale."""
 
     def __init__(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
@@ -70,7 +63,7 @@ class _QuantizedWeighted(_Named):
     channel_axis = 1  # where output channels are: 1 for convs (N, C, H, W), -1 for linears (..., C)
 
     def forward(self, x) -> QTensor:
-        (x,) = self._inputs(x)
+        (x,) = self._qinputs(x)
         axis = self.channel_axis
         acc = torch.round(self._compute(x.data.double(), self.weight_int.double())).long()
         acc = acc + along_axis(self.integer_bias(x.scale), acc, axis)
@@ -99,7 +92,7 @@ class QuantizedLinear(_QuantizedWeighted):
         return F.linear(x, weight)
 
 
-class QuantizedFloatFunctional(FunctionalMethods, _Named):
+class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
     """add/sub/mul/cat/scalar ops on integers, each ending in one requantization to the observed output scale.
 
     add (public J5 form): acc = (x << shift) + y * qscale with an int16 qscale = round(s_y * 2^shift / s_x),
@@ -135,29 +128,29 @@ class QuantizedFloatFunctional(FunctionalMethods, _Named):
         return self._out(acc, x.scale / 2 ** shift)
 
     def _add(self, x, y):
-        return self._aligned_sum(*self._inputs(x, y), 1)
+        return self._aligned_sum(*self._qinputs(x, y), 1)
 
     def _sub(self, x, y):
-        return self._aligned_sum(*self._inputs(x, y), -1)
+        return self._aligned_sum(*self._qinputs(x, y), -1)
 
     def _mul(self, x, y):
-        x, y = self._inputs(x, y)
+        x, y = self._qinputs(x, y)
         return self._out(x.data.long() * y.data.long(), x.scale * y.scale)
 
     def _add_scalar(self, x, value: float):
-        (x,) = self._inputs(x)
+        (x,) = self._qinputs(x)
         shift = self._add_shift(x)
         constant = int(round_half_up(torch.tensor(value / float(x.scale) * 2 ** shift, dtype=torch.float64)))
         return self._out((x.data.long() << shift) + constant, x.scale / 2 ** shift)
 
     def _mul_scalar(self, x, value: float):
-        (x,) = self._inputs(x)
+        (x,) = self._qinputs(x)
         sign = -1 if value < 0 else 1
         return self._out(x.data.long() * sign, x.scale * abs(value))
 
     def _cat(self, tensors, dim: int = 0):
         parts = [requantize(t.data.long(), t.scale.double() / self.out_scale.double(), self.out_dtype)
-                 for t in self._inputs(*tensors)]
+                 for t in self._qinputs(*tensors)]
         return QTensor(torch.cat(parts, dim).to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype,
                        self.hat_name)
 
