@@ -9,7 +9,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py Makefile
+# setup.py also compiles hat/csrc into hat._C (C++ always, CUDA when nvcc is found): rebuilt when a source changes
+$(VENV)/.installed: setup.py Makefile $(wildcard hat/csrc/*.* hat/csrc/*/*.*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)

@@ -1,0 +1,53 @@
+// Argument checks and the [outer, channels, inner] view shared by the CPU and CUDA wrappers (host code).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/WrapDimUtils.h>
+#include <optional>
+
+namespace hat {
+
+// x seen as [outer, channels, inner]; per-tensor (no axis) is one channel holding everything.
+struct ChannelLayout {
+  int64_t channels;
+  int64_t inner;
+};
+
+inline ChannelLayout channel_layout(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                                    std::optional<int64_t> axis) {
+  if (!axis.has_value()) {
+    TORCH_CHECK(scale.numel() == 1, op, ": a per-tensor call takes one scale, got ", scale.numel());
+    return {1, std::max<int64_t>(x.numel(), 1)};
+  }
+  int64_t a = at::maybe_wrap_dim(*axis, x.dim());
+  TORCH_CHECK(scale.numel() == x.size(a), op, ": ", scale.numel(), " scales for ", x.size(a),
+              " channels on axis ", a);
+  int64_t inner = 1;
+  for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {x.size(a), std::max<int64_t>(inner, 1)};
+}
+
+inline void check_float_pair(const char* op, const at::Tensor& x, const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == x.scalar_type(), op, ": scale dtype ", scale.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(scale.device() == x.device(), op, ": scale is on ", scale.device(), ", x on ", x.device());
+}
+
+inline void check_grid_sample(const at::Tensor& input, const at::Tensor& grid, int64_t coord_shift,
+                              const std::string& mode, const std::string& padding_mode) {
+  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kChar,
+              "hat::grid_sample: input must be int8 [N, C, H, W], got ", input.scalar_type(), " ", input.sizes());
+  TORCH_CHECK(grid.dim() == 4 && grid.size(3) == 2 && grid.scalar_type() == at::kShort,
+              "hat::grid_sample: grid must be int16 [N, H_out, W_out, 2], got ", grid.scalar_type(), " ", grid.sizes());
+  TORCH_CHECK(grid.size(0) == input.size(0), "hat::grid_sample: batch ", grid.size(0), " of grid vs ",
+              input.size(0), " of input");
+  TORCH_CHECK(coord_shift >= 0 && coord_shift <= 8, "hat::grid_sample: coord_shift must be in [0, 8], got ",
+              coord_shift);
+  TORCH_CHECK(mode == "bilinear" || mode == "nearest", "hat::grid_sample: mode must be bilinear or nearest, got ",
+              mode);
+  TORCH_CHECK(padding_mode == "zeros" || padding_mode == "border",
+              "hat::grid_sample: padding_mode must be zeros or border, got ", padding_mode);
+}
+
+}  // namespace hat

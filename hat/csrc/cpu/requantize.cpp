@@ -1,0 +1,46 @@
+// CPU J5 requantization: int accumulator x int16 multiplier, rounding right shift, saturation.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../arith.h"
+#include "../checks.h"
+
+namespace hat {
+namespace {
+
+at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in, const at::Tensor& shift_in,
+                      std::optional<int64_t> axis, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
+  TORCH_CHECK(at::isIntegralType(acc_in.scalar_type(), /*includeBool=*/false),
+              "hat::requantize: the accumulator must be an integer tensor, got ", acc_in.scalar_type());
+  TORCH_CHECK(multiplier_in.numel() == shift_in.numel(), "hat::requantize: ", multiplier_in.numel(),
+              " multipliers but ", shift_in.numel(), " shifts");
+  auto acc = acc_in.contiguous();
+  auto multiplier = multiplier_in.to(at::kLong).contiguous();
+  auto shift = shift_in.to(at::kLong).contiguous();
+  TORCH_CHECK(shift.numel() == 0 || (shift.min().item<int64_t>() >= 0 && shift.max().item<int64_t>() < 63),
+              "hat::requantize: shifts must lie in [0, 62]");
+  auto layout = channel_layout("hat::requantize", acc, multiplier, axis);
+  auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
+  AT_DISPATCH_INTEGRAL_TYPES(acc.scalar_type(), "hat::requantize", [&] {
+    using acc_t = scalar_t;
+    const acc_t* ap = acc.data_ptr<acc_t>();
+    const int64_t* mp = multiplier.data_ptr<int64_t>();
+    const int64_t* sp = shift.data_ptr<int64_t>();
+    AT_DISPATCH_INTEGRAL_TYPES(dtype, "hat::requantize_out", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, acc.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          int64_t c = (i / layout.inner) % layout.channels;
+          op[i] = static_cast<scalar_t>(requantize_one(ap[i], mp[c], sp[c], qmin, qmax));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hat, CPU, m) { m.impl("requantize", &requantize); }
+
+}  // namespace hat
