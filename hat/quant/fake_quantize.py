@@ -12,15 +12,10 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
+from hat import ops
 from hat.backend.j5.arith import round_to_grid
 from hat.quant.march import current_profile
-from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver
-from hat.quant.qtensor import along_axis
-
-
-def _channel_view(t: torch.Tensor, x: torch.Tensor, ch_axis: Optional[int]) -> torch.Tensor:
-    """Broadcast a per-channel [C] tensor along `ch_axis` of x; per-tensor values pass through."""
-    return t if ch_axis is None or t.numel() == 1 else along_axis(t, x, ch_axis)
+from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver, channel_range
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -29,49 +24,6 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[name].data = value
     else:
         setattr(module, name, value)
-
-
-class _SteFakeQuant(torch.autograd.Function):
-    """Straight-through estimator: gradient 1 where the rounded value lies inside [qmin, qmax], else 0."""
-
-    @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, rounding):
-        q = x / scale
-        q = q.add_(0.5).floor_() if rounding == "half_up" else round_to_grid(q, rounding)  # in place: fewer passes
-        clamped = q.clamp(qmin, qmax)
-        ctx.save_for_backward(clamped == q)  # inside the range
-        return clamped.mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
-
-
-class _LsqFakeQuant(torch.autograd.Function):
-    """LSQ (Esser et al., 2020): d/dx = 1 inside the range; d/ds = (round(v) - v) inside, qmin or qmax outside,
-    with v = x / s, summed per scale and multiplied by the gradient scale g = 1 / sqrt(N * qmax)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, rounding, grad_factor, ch_axis):
-        v = x / scale
-        q = round_to_grid(v.clamp(qmin, qmax), rounding)
-        ctx.save_for_backward(v, q)
-        ctx.qmin, ctx.qmax, ctx.grad_factor, ctx.ch_axis = qmin, qmax, grad_factor, ch_axis
-        ctx.scale_shape = scale.shape
-        return q * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        v, q = ctx.saved_tensors
-        below, above = v < ctx.qmin, v > ctx.qmax
-        inside = ~(below | above)
-        ds = torch.where(inside, q - v, torch.where(below, float(ctx.qmin), float(ctx.qmax))) * grad
-        if ctx.ch_axis is None:
-            ds = ds.sum().reshape(1)
-        else:
-            ds = ds.transpose(0, ctx.ch_axis).reshape(ds.shape[ctx.ch_axis], -1).sum(1)
-        return grad * inside, (ds * ctx.grad_factor).view(ctx.scale_shape), None, None, None, None, None
 
 
 class FakeQuantize(nn.Module):
@@ -102,9 +54,36 @@ class FakeQuantize(nn.Module):
             return x
         return self.fake_quant(x)
 
+    def forward_folded(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """fake_quant(weight * factor) / factor, `factor` per output channel (axis 0; a batch norm's gamma / std),
+        without any weight-sized product: the observer gets the folded range from the weight's per-channel
+        min/max, and the grid step becomes scale / factor. Same values up to float rounding, a third of the
+        memory traffic of folding the weight and dividing the conv output back."""
+        factor = factor.detach()
+        if self.observer_enabled[0]:
+            lo, hi = channel_range(weight.detach())
+            lo, hi = torch.minimum(lo * factor, hi * factor), torch.maximum(lo * factor, hi * factor)
+            if self.ch_axis is None:
+                lo, hi = lo.min(), hi.max()
+            self.observe_range(lo, hi)
+        if not self.fake_quant_enabled[0]:
+            return weight
+        step = self._train_scale().to(weight.dtype) / factor  # a negative factor mirrors the grid, as w * f does
+        step = torch.where(factor == 0, torch.finfo(weight.dtype).max, step)  # gamma = 0: the channel quantizes to 0
+        return self._quantize(weight, step, 0)
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         self.activation_post_process(x.detach())
+        self._refresh_scale()
+
+    @torch.no_grad()
+    def observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Observe a batch given by its (per-channel) min and max instead of its values."""
+        self.activation_post_process.update_range(lo.reshape(-1).float(), hi.reshape(-1).float())
+        self._refresh_scale()
+
+    def _refresh_scale(self) -> None:
         scale = self.activation_post_process.calculate_scale().to(self.scale.device)
         if scale.shape != self.scale.shape:  # per-channel: the channel count is known from the first batch
             _replace(self, "scale", scale)
@@ -117,8 +96,14 @@ class FakeQuantize(nn.Module):
         return self.scale
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        scale = _channel_view(self.scale, x, self.ch_axis).to(x.dtype)
-        return _SteFakeQuant.apply(x, scale, self.quant_min, self.quant_max, self.rounding)
+        return self._quantize(x, self._train_scale(), self.ch_axis)
+
+    def _train_scale(self) -> torch.Tensor:
+        """The scale as the forward uses it (a learned scale keeps its gradient)."""
+        return self.scale
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+        return ops.fake_quant(x, scale, axis, self.quant_min, self.quant_max, self.rounding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point"):  # per-channel sizes are only known once observed
@@ -145,12 +130,13 @@ class LSQFakeQuantize(FakeQuantize):
     def current_scale(self) -> torch.Tensor:
         return self.scale.detach().clamp(min=EPS)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        per_scale = x.numel() // self.scale.numel()
-        grad_factor = 1.0 / math.sqrt(per_scale * self.quant_max)
-        scale = _channel_view(self.scale.clamp(min=EPS), x, self.ch_axis).to(x.dtype)
-        return _LsqFakeQuant.apply(x, scale, self.quant_min, self.quant_max, self.rounding, grad_factor,
-                                   self.ch_axis if self.scale.numel() > 1 else None)
+    def _train_scale(self) -> torch.Tensor:
+        return self.scale.clamp(min=EPS)
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+        per_scale = max(x.numel() // scale.numel(), 1)
+        grad_factor = 1.0 / math.sqrt(per_scale * self.quant_max)  # LSQ's g = 1 / sqrt(N * Q_P)
+        return ops.lsq_fake_quant(x, scale, axis, self.quant_min, self.quant_max, self.rounding, grad_factor)
 
 
 class PACTFakeQuantize(FakeQuantize):

@@ -15,6 +15,12 @@ from hat.quant.march import current_profile
 EPS = torch.finfo(torch.float32).eps
 
 
+def channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (axis 0) min and max as float. amin + amax: torch.aminmax(dim=1) is ~20x slower on CPU."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.amin(1).float(), flat.amax(1).float()
+
+
 class MinMaxObserver(nn.Module):
     """Running min and max over everything observed."""
 
@@ -26,12 +32,15 @@ class MinMaxObserver(nn.Module):
         self.register_buffer("max_val", torch.tensor([]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = self._batch_range(x.detach())
+        self.update_range(*self._batch_range(x.detach()))
+        return x
+
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Take in one batch's min and max (shape [1] per tensor, [C] per channel)."""
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo, hi
         else:
             self._update(lo, hi)
-        return x
 
     def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
@@ -40,9 +49,7 @@ class MinMaxObserver(nn.Module):
         if self.ch_axis is None:
             lo, hi = torch.aminmax(x)
             return lo.reshape(1).float(), hi.reshape(1).float()
-        flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-        lo, hi = torch.aminmax(flat, dim=1)
-        return lo.float(), hi.float()
+        return channel_range(x.transpose(0, self.ch_axis))
 
     @property
     def observed(self) -> bool:

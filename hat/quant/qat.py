@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hat.quant.fake_quantize import FakeQuantize
 from hat.quant.fuse import FusedLayer
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
@@ -86,15 +87,8 @@ class _QATWeighted(_Named):
         if self.bn is None or not self.bn.training:  # no BN, eval or frozen BN: exactly the deployed arithmetic
             weight, bias = self._folded()
             y = self._compute(inp, self.weight_fake_quant(weight), bias)
-        else:  # training: fake-quantize the folded weight, then normalize with batch statistics
-            factor = self._bn_factor()
-            safe = torch.where(factor == 0, torch.ones_like(factor), factor)  # gamma = 0 channels: no 0 / 0
-            y = self._compute(inp, self.weight_fake_quant(self.layer.weight * along_axis(factor, self.layer.weight, 0)),
-                              None)
-            y = y / along_axis(safe, y, 1)
-            if self.layer.bias is not None:
-                y = y + along_axis(self.layer.bias, y, 1)
-            y = self.bn(y)
+        else:  # training: the folded weight's fake quant (divided back by the BN factor), batch statistics
+            y = self.bn(self._compute(inp, self._fake_quant_unfolded(), self.layer.bias))
         if self.activation == "relu":
             y = F.relu(y)
         elif self.activation == "relu6":
@@ -102,6 +96,15 @@ class _QATWeighted(_Named):
         if self.activation_post_process is None:
             return QTensor(y, torch.ones(1, device=y.device), "qint32", self.hat_name)
         return self._output(self.activation_post_process, y)
+
+    def _fake_quant_unfolded(self) -> torch.Tensor:
+        """fake_quant(W * f) / f, f = the BN factor per output channel: the weight on the deployed grid, in the
+        units of the unfolded conv, so that batch norm can normalize its output with batch statistics."""
+        factor, weight = self._bn_factor(), self.layer.weight
+        if isinstance(self.weight_fake_quant, FakeQuantize):
+            return self.weight_fake_quant.forward_folded(weight, factor)
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)  # another fake quant: fold, quantize, unfold
+        return self.weight_fake_quant(weight * along_axis(factor, weight, 0)) / along_axis(safe, weight, 0)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The float weight and bias the deployed layer computes with: batch norm folded in (running stats)."""

@@ -150,3 +150,20 @@ def test_calibrated_per_channel_state_loads_into_a_fresh_module():
     fresh.load_state_dict(fq.state_dict())
     assert torch.equal(fresh.scale, fq.scale) and fresh.scale.shape == (5,)
     assert torch.equal(fresh.activation_post_process.max_val, fq.activation_post_process.max_val)
+
+
+@pytest.mark.parametrize("cls", [FakeQuantize, LSQFakeQuantize])
+def test_forward_folded_equals_fake_quant_of_the_folded_weight(cls):
+    """What a QAT conv+BN computes in training: fake_quant(W * f) / f, with negative and zero BN factors."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3)
+    factor = torch.tensor([0.5, 2.0, -1.5, 0.0, 1e-3, 3.0])
+    folded_fq, plain_fq = (cls(MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1.0)
+                           for _ in range(2))
+    got = folded_fq.forward_folded(weight, factor)
+    plain = plain_fq(weight * factor.view(-1, 1, 1, 1))
+    torch.testing.assert_close(folded_fq.scale.detach(), plain_fq.scale.detach())  # the observer saw W * f
+    nonzero = factor != 0
+    torch.testing.assert_close(got[nonzero] * factor[nonzero].view(-1, 1, 1, 1), plain[nonzero], rtol=1e-5,
+                               atol=1e-6)
+    assert torch.equal(got[~nonzero], torch.zeros_like(got[~nonzero]))  # gamma = 0: the deployed weight is 0

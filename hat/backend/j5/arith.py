@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from hat import ops
 from hat.backend.j5.profile import J5, Profile
+from hat.ops.reference import shift_right_round  # noqa: F401  (the J5 shift, re-exported with its siblings)
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -28,13 +30,6 @@ def saturate(x: torch.Tensor, dtype: str, profile: Profile = J5) -> torch.Tensor
     return x.clamp(qmin, qmax)
 
 
-def shift_right_round(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-    """Arithmetic right shift with round half up: (v + 2^(n-1)) >> n; n = 0 leaves v unchanged."""
-    shift = torch.as_tensor(shift, dtype=torch.int64, device=v.device)
-    half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp(min=0)), 0)
-    return torch.bitwise_right_shift(v + half, shift)
-
-
 def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer m (|m| <= profile.multiplier_max) and shift n with m / 2^n ~= ratio, n as large as fits.
 
@@ -52,10 +47,8 @@ def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[to
 
 def requantize(acc: torch.Tensor, ratio: torch.Tensor, out_dtype: str, channel_axis: int | None = None,
                profile: Profile = J5) -> torch.Tensor:
-    """int accumulator * ratio -> out_dtype integers, via the int16 multiplier and a rounding right shift."""
+    """int accumulator * ratio -> out_dtype integers (held in int64), via the int16 multiplier and a rounding
+    right shift; per channel along `channel_axis` when `ratio` has one value per channel."""
     multiplier, shift = multiplier_and_shift(ratio, profile)
-    if channel_axis is not None and multiplier.ndim == 1:
-        view = [1] * acc.ndim
-        view[channel_axis] = -1
-        multiplier, shift = multiplier.view(view), shift.view(view)
-    return saturate(shift_right_round(acc.to(torch.int64) * multiplier, shift), out_dtype, profile)
+    qmin, qmax = profile.qrange(out_dtype)
+    return ops.requantize(acc, multiplier, shift, channel_axis, qmin, qmax)
