@@ -1,7 +1,9 @@
 """QAT train step vs float train step on ResNet-18 (32x32, batch 64, CPU), and vs PyTorch's own eager QAT.
 
-python benchmarks/qat_step.py [--rounds 5] [--steps 10] [--threads 2]
-The three train steps run interleaved in rounds on the same data; medians of per-round step times.
+python benchmarks/qat_step.py [--rounds 5] [--steps 10] [--threads 2] [--glibc-default]
+The three train steps run interleaved in rounds on the same data; medians of per-round step times. Like every
+training stage (trainer.keep_freed_memory, default on), the process keeps freed memory for reuse;
+--glibc-default measures with the C library's default allocator behaviour instead.
 Targets: hat QAT / float <= 1.3; hat QAT / torch.ao eager QAT <= 1.0.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ import time
 
 import torch
 
-from hat import quant
+from hat import ops, quant
+from hat.engine.runtime import keep_freed_memory
 from hat.models import create_model
 
 
@@ -59,8 +62,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--glibc-default", action="store_true", help="don't keep freed memory (see docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.glibc_default and keep_freed_memory()
     float_model, qat = hat_models()
     steps = {"float": step_fn(float_model, True), "hat_qat": step_fn(qat, True),
              "torch_eager_qat": step_fn(torch_eager_qat(), False)}
@@ -75,7 +80,8 @@ def main() -> None:
             if rnd:
                 times[name].append((time.perf_counter() - t0) / args.steps)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"ResNet-18, 32x32, batch 64, {args.threads} threads, {args.rounds} rounds x {args.steps} steps")
+    print(f"ResNet-18, 32x32, batch 64, {args.threads} threads, {args.rounds} rounds x {args.steps} steps, "
+          f"keep_freed_memory={kept}, hat._C loaded={ops.extension_status().loaded}")
     for name, t in median.items():
         print(f"  {name:16s} {t * 1e3:7.1f} ms/step")
     print(f"hat QAT / float            = {median['hat_qat'] / median['float']:.2f}  (target <= 1.3)")

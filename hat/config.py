@@ -35,6 +35,7 @@ class TrainerSchema:
     progress_bar: bool = True
     deterministic: bool = True
     on_nonfinite: str = "stop"  # NaN/Inf input, loss or gradient: stop with the likely causes, or skip the step
+    keep_freed_memory: bool = True  # Linux: reuse freed pages instead of page-faulting them in every step
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from hat.checkpoint import load_checkpoint, load_pretrained
 from hat.config import STAGE_ORDER, save_config, stage_config
 from hat.data import build_dataset, build_loader
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
-from hat.engine.runtime import seed_everything, select_device
+from hat.engine.runtime import keep_freed_memory, seed_everything, select_device
 from hat.engine.trainer import Trainer
 from hat.errors import CheckpointError, ConfigError
 from hat.models.zoo import report_pretrained
@@ -51,6 +51,8 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
                               f"with --overwrite, or pick another work_dir=...")
         shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
     save_config(cfg, out_dir / "config.yaml")
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     log.info("stage %s: writing to %s", stage, out_dir)
     metrics = get(stage, kind="stage")(cfg, out_dir, resume)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
