@@ -71,6 +71,10 @@ class _LsqFakeQuant(torch.autograd.Function):
         return dx, dscale, None, None, None, None, None
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)  # no view node in the autograd graph when it is already flat
+
+
 def _axis(scale: torch.Tensor, axis: Optional[int]) -> Optional[int]:
     return axis if scale.numel() > 1 else None  # one scale (e.g. per-channel before observing): per tensor
 
@@ -79,7 +83,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qmin: 
                rounding: str = "half_up") -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient (1 where the rounded value is in range, else 0).
     `scale`: [1] per tensor or [C] along `axis`. No gradient flows to `scale` (it comes from an observer)."""
-    scale = scale.detach().to(x.dtype).reshape(-1)
+    scale = _flat(scale.detach().to(x.dtype))
     function = torch.ops.hat.fake_quant_autograd if _uses_kernel(x, floats_only=True) else _FakeQuant.apply
     return function(x, scale, _axis(scale, axis), qmin, qmax, _half_up(rounding))
 
@@ -87,7 +91,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qmin: 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qmin: int, qmax: int,
                    rounding: str = "half_up", grad_factor: float = 1.0) -> torch.Tensor:
     """LSQ fake quant: gradients to x (straight-through inside the range) and to the learned `scale`."""
-    scale = scale.to(x.dtype).reshape(-1)
+    scale = _flat(scale.to(x.dtype))
     function = torch.ops.hat.lsq_fake_quant_autograd if _uses_kernel(x, floats_only=True) else _LsqFakeQuant.apply
     return function(x, scale, _axis(scale, axis), qmin, qmax, _half_up(rounding), grad_factor)
 
@@ -95,7 +99,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qm
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor, axis: Optional[int], qmin: int,
                qmax: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """J5 requantization of an integer accumulator: (acc * m + 2^(n-1)) >> n, saturated to [qmin, qmax]."""
-    multiplier, shift = multiplier.reshape(-1), shift.reshape(-1)
+    multiplier, shift = _flat(multiplier), _flat(shift)
     return _impl("requantize", acc)(acc, multiplier, shift, _axis(multiplier, axis), qmin, qmax, dtype)
 
 

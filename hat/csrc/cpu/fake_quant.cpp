@@ -15,11 +15,15 @@ namespace {
 constexpr int64_t kGrain = 16384;
 constexpr int kLanes = 8;  // independent partial sums: vectorizable without reassociating one sum
 
-template <bool HalfUp, typename T>
-void fake_quant_run(const T* __restrict x, T s, T lo, T hi, T* __restrict out, bool* __restrict mask, int64_t n) {
+constexpr int64_t kShortRun = 64;  // channels with fewer contiguous values take the per-element-scale loops
+
+// A run of values: one scale (s[0]) or, with PerElement, s[i] each (short channels: a row of [C, inner]).
+template <bool HalfUp, bool PerElement, typename T>
+void fake_quant_run(const T* __restrict x, const T* __restrict s, T lo, T hi, T* __restrict out,
+                    bool* __restrict mask, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     bool inside;
-    out[i] = fake_quant_one<HalfUp>(x[i], s, lo, hi, inside);
+    out[i] = fake_quant_one<HalfUp>(x[i], s[PerElement ? i : 0], lo, hi, inside);
     mask[i] = inside;
   }
 }
@@ -34,9 +38,21 @@ void masked_run(const Bits* __restrict grad, const uint8_t* __restrict mask, Bit
 template <typename T>
 using BitsOf = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
 
+template <bool HalfUp, bool PerElement, typename T>
+void lsq_run(const T* __restrict x, const T* __restrict s, T lo, T hi, T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = lsq_one<HalfUp>(x[i], s[PerElement ? i : 0], lo, hi);
+}
+
+// Short channels: d/dx, and d/ds * grad added per position into sums[i] (positions of a [C, inner] row).
 template <bool HalfUp, typename T>
-void lsq_run(const T* __restrict x, T s, T lo, T hi, T* __restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = lsq_one<HalfUp>(x[i], s, lo, hi);
+void lsq_backward_row(const T* __restrict x, const T* __restrict grad, const T* __restrict s, T lo, T hi,
+                      T* __restrict dx, double* __restrict sums, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    T d, g;
+    lsq_grad_one<HalfUp>(x[i], s[i], lo, hi, &d, &g);
+    dx[i] = d * grad[i];
+    sums[i] += static_cast<double>(g * grad[i]);
+  }
 }
 
 // Writes d/dx and returns the sum of d/ds * grad over the run: kLanes independent sums in T (each over at most
@@ -76,6 +92,20 @@ void for_channel_runs(int64_t begin, int64_t end, ChannelLayout l, const Body& b
   }
 }
 
+bool short_runs(ChannelLayout l) { return l.channels > 1 && l.inner < kShortRun; }
+
+// One scale per position of a [C, inner] row (scale repeated `inner` times), for short channels.
+at::Tensor scale_row(const at::Tensor& scale, ChannelLayout l) { return scale.repeat_interleave(l.inner); }
+
+// Calls run(begin, positions) for each [C, inner] row of x, in parallel.
+template <typename Body>
+void for_rows(int64_t numel, ChannelLayout l, const Body& run) {
+  const int64_t row = l.channels * l.inner;
+  at::parallel_for(0, numel / row, std::max<int64_t>(1, kGrain / row), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) run(r * row, row);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in,
                                               std::optional<int64_t> axis, int64_t qmin, int64_t qmax,
                                               bool half_up) {
@@ -90,10 +120,19 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::
     const scalar_t* sp = scale.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     bool* mp = mask.data_ptr<bool>();
+    const scalar_t lo = qmin, hi = qmax;
     HAT_DISPATCH_ROUNDING(half_up, [&] {
+      if (short_runs(layout)) {
+        auto row = scale_row(scale, layout);
+        const scalar_t* rp = row.data_ptr<scalar_t>();
+        for_rows(x.numel(), layout, [&](int64_t b, int64_t n) {
+          fake_quant_run<kHalfUp, true>(xp + b, rp, lo, hi, op + b, mp + b, n);
+        });
+        return;
+      }
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_channel_runs(begin, end, layout, [&](int64_t c, int64_t b, int64_t e) {
-          fake_quant_run<kHalfUp>(xp + b, sp[c], scalar_t(qmin), scalar_t(qmax), op + b, mp + b, e - b);
+          fake_quant_run<kHalfUp, false>(xp + b, sp + c, lo, hi, op + b, mp + b, e - b);
         });
       });
     });
@@ -131,10 +170,18 @@ at::Tensor lsq_fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, st
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* sp = scale.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t lo = qmin, hi = qmax;
     HAT_DISPATCH_ROUNDING(half_up, [&] {
+      if (short_runs(layout)) {
+        auto row = scale_row(scale, layout);
+        const scalar_t* rp = row.data_ptr<scalar_t>();
+        for_rows(x.numel(), layout,
+                 [&](int64_t b, int64_t n) { lsq_run<kHalfUp, true>(xp + b, rp, lo, hi, op + b, n); });
+        return;
+      }
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
         for_channel_runs(begin, end, layout, [&](int64_t c, int64_t b, int64_t e) {
-          lsq_run<kHalfUp>(xp + b, sp[c], scalar_t(qmin), scalar_t(qmax), op + b, e - b);
+          lsq_run<kHalfUp, false>(xp + b, sp + c, lo, hi, op + b, e - b);
         });
       });
     });
@@ -156,32 +203,44 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
   auto layout = channel_layout("hat::lsq_fake_quant_backward", x, scale, axis);
   auto dx = at::empty_like(x);
   const int64_t n = x.numel();
-  const int64_t chunks = std::max<int64_t>(1, (n + kGrain - 1) / kGrain);
-  // one partial sum per (chunk, channel): no atomics, and the same result for any thread count
-  std::vector<double> partial(static_cast<size_t>(chunks * layout.channels), 0.0);
+  std::vector<double> total(layout.channels, 0.0);
+  auto dscale = at::empty_like(scale);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hat::lsq_fake_quant_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* sp = scale.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
+    const scalar_t lo = qmin, hi = qmax;
+    // fixed chunks, one partial sum per (chunk, position): no atomics, the same result for any thread count
+    const bool rows = short_runs(layout);
+    const int64_t width = rows ? layout.channels * layout.inner : layout.channels;  // positions summed apart
+    const int64_t chunk_len = rows ? std::max<int64_t>(1, kGrain / width) * width : kGrain;
+    const int64_t chunks = std::max<int64_t>(1, (n + chunk_len - 1) / chunk_len);
+    std::vector<double> partial(static_cast<size_t>(chunks * width), 0.0);
+    auto row_scale = rows ? scale_row(scale, layout) : scale;
+    const scalar_t* rp = row_scale.data_ptr<scalar_t>();
     HAT_DISPATCH_ROUNDING(half_up, [&] {
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          double* sums = partial.data() + chunk * layout.channels;
-          const int64_t begin = chunk * kGrain, end = std::min(n, begin + kGrain);
+          double* sums = partial.data() + chunk * width;
+          const int64_t begin = chunk * chunk_len, end = std::min(n, begin + chunk_len);
+          if (rows) {
+            for (int64_t b = begin; b < end; b += width)
+              lsq_backward_row<kHalfUp>(xp + b, gp + b, rp, lo, hi, dp + b, sums, width);
+            continue;
+          }
           for_channel_runs(begin, end, layout, [&](int64_t c, int64_t b, int64_t e) {
-            sums[c] += lsq_backward_run<kHalfUp>(xp + b, gp + b, sp[c], scalar_t(qmin), scalar_t(qmax), dp + b,
-                                                 e - b);
+            sums[c] += lsq_backward_run<kHalfUp>(xp + b, gp + b, sp[c], lo, hi, dp + b, e - b);
           });
         }
       });
     });
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t p = 0; p < width; ++p) total[rows ? p / layout.inner : p] += partial[chunk * width + p];
+    scalar_t* out = dscale.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < layout.channels; ++c) out[c] = static_cast<scalar_t>(total[c] * grad_factor);
   });
-  auto total = at::zeros({layout.channels}, scale.options().dtype(at::kDouble));
-  double* tp = total.data_ptr<double>();
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t c = 0; c < layout.channels; ++c) tp[c] += partial[chunk * layout.channels + c];
-  return {dx, total.mul_(grad_factor).to(scale.scalar_type()).view(scale_in.sizes())};
+  return {dx, dscale.view(scale_in.sizes())};
 }
 
 }  // namespace
