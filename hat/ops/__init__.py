@@ -17,6 +17,10 @@ __all__ = ["fake_quant", "lsq_fake_quant", "requantize", "grid_sample", "extensi
            "ExtensionWarning"]
 
 _STATUS = load_extension()
+if _STATUS.loaded:
+    from hat.ops import meta
+
+    meta.register()
 _KERNEL_FLOATS = (torch.float32, torch.float64)
 _warned_cuda = False
 

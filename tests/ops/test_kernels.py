@@ -151,3 +151,30 @@ def test_public_ops_validate_arguments():
     with pytest.raises(ValueError, match="mode bilinear\\|nearest"):
         ops.grid_sample(torch.zeros(1, 1, 2, 2, dtype=torch.int8), torch.zeros(1, 1, 1, 2, dtype=torch.int16), 1,
                         mode="bicubic")
+
+
+@needs_kernels
+def test_torch_export_traces_the_kernels_and_runs_them():
+    """Fake (shape-only) versions registered for every op: graph capture (torch.export, the ONNX exporter's
+    front end) keeps hat:: ops as nodes, and the exported program computes what eager does."""
+
+    class UsesEveryOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((4,), 0.05))
+
+        def forward(self, x, image, grid):
+            y = ops.fake_quant(x, self.scale, 1, -128, 127) + ops.lsq_fake_quant(x, self.scale, 1, -128, 127)
+            acc = image.to(torch.int32)
+            return y, ops.grid_sample(image, grid, 5), ops.requantize(acc, torch.tensor([3]), torch.tensor([1]),
+                                                                      None, -128, 127, torch.int8)
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 3, generator=gen), torch.randint(-128, 128, (1, 2, 4, 4), generator=gen,
+                                                               dtype=torch.int8),
+            torch.randint(-64, 64, (1, 3, 3, 2), generator=gen, dtype=torch.int16))
+    exported = torch.export.export(UsesEveryOp(), args)
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert {"hat.fake_quant_autograd.default", "hat.grid_sample.default", "hat.requantize.default"} <= targets
+    for got, want in zip(exported.module()(*args), UsesEveryOp()(*args)):
+        assert torch.equal(got, want)

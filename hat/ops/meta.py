@@ -1,0 +1,36 @@
+"""Shape-only ("fake") versions of the hat:: ops, so that torch.export / torch.compile can trace models that use
+the kernels (graph capture for ONNX export runs on fake tensors)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def register() -> None:
+    @torch.library.register_fake("hat::fake_quant")
+    def _fake_quant(x, scale, axis: Optional[int], qmin: int, qmax: int, half_up: bool):
+        return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+    @torch.library.register_fake("hat::fake_quant_backward")
+    def _fake_quant_backward(grad, mask):
+        return torch.empty_like(grad)
+
+    @torch.library.register_fake("hat::lsq_fake_quant")
+    def _lsq(x, scale, axis: Optional[int], qmin: int, qmax: int, half_up: bool):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("hat::lsq_fake_quant_backward")
+    def _lsq_backward(grad, x, scale, axis: Optional[int], qmin: int, qmax: int, half_up: bool, grad_factor: float):
+        return torch.empty_like(x), torch.empty_like(scale)
+
+    for name in ("fake_quant_autograd", "lsq_fake_quant_autograd"):
+        torch.library.register_fake(f"hat::{name}")(lambda x, *args: torch.empty_like(x))
+
+    @torch.library.register_fake("hat::requantize")
+    def _requantize(acc, multiplier, shift, axis: Optional[int], qmin: int, qmax: int, dtype: torch.dtype):
+        return torch.empty_like(acc, dtype=dtype)
+
+    @torch.library.register_fake("hat::grid_sample")
+    def _grid_sample(input, grid, coord_shift: int, mode: str, padding_mode: str):
+        return input.new_empty((input.shape[0], input.shape[1], grid.shape[1], grid.shape[2]))
