@@ -67,6 +67,6 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.23",
     ],
-    extras_require={"dev": ["pytest>=7", "ninja"]},
+    extras_require={"dev": ["pytest>=7", "ninja", "onnx", "onnxscript", "onnxruntime"]},
     **_build_config(),
 )
