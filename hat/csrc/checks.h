@@ -34,6 +34,27 @@ inline void check_float_pair(const char* op, const at::Tensor& x, const at::Tens
   TORCH_CHECK(scale.device() == x.device(), op, ": scale is on ", scale.device(), ", x on ", x.device());
 }
 
+inline void check_lsq_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale) {
+  check_float_pair("hat::lsq_fake_quant_backward", x, scale);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "hat::lsq_fake_quant_backward: grad must match x in shape and dtype");
+}
+
+inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK(grad.sizes() == mask.sizes() && mask.scalar_type() == at::kBool, "hat::fake_quant_backward: grad ",
+              grad.sizes(), " needs a bool mask of that shape, got ", mask.scalar_type(), " ", mask.sizes());
+}
+
+// The accumulator is an integer tensor; multiplier and shift (already int64, on its device) pair up, shifts in [0, 62].
+inline void check_requantize(const at::Tensor& acc, const at::Tensor& multiplier, const at::Tensor& shift) {
+  TORCH_CHECK(at::isIntegralType(acc.scalar_type(), /*includeBool=*/false),
+              "hat::requantize: the accumulator must be an integer tensor, got ", acc.scalar_type());
+  TORCH_CHECK(multiplier.numel() == shift.numel(), "hat::requantize: ", multiplier.numel(), " multipliers but ",
+              shift.numel(), " shifts");
+  TORCH_CHECK(shift.numel() == 0 || (shift.min().item<int64_t>() >= 0 && shift.max().item<int64_t>() < 63),
+              "hat::requantize: shifts must lie in [0, 62]");
+}
+
 inline void check_grid_sample(const at::Tensor& input, const at::Tensor& grid, int64_t coord_shift,
                               const std::string& mode, const std::string& padding_mode) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kChar,

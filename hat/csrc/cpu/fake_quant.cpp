@@ -143,9 +143,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::
 at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
   auto grad = grad_in.contiguous();
   auto mask = mask_in.contiguous();
-  TORCH_CHECK(grad.sizes() == mask.sizes() && mask.scalar_type() == at::kBool,
-              "hat::fake_quant_backward: grad ", grad.sizes(), " needs a bool mask of that shape, got ",
-              mask.scalar_type(), " ", mask.sizes());
+  check_mask(grad, mask);
   auto out = at::empty_like(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hat::fake_quant_backward", [&] {
     using Bits = BitsOf<scalar_t>;
@@ -194,9 +192,7 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
                                                            const at::Tensor& scale_in, std::optional<int64_t> axis,
                                                            int64_t qmin, int64_t qmax, bool half_up,
                                                            double grad_factor) {
-  check_float_pair("hat::lsq_fake_quant_backward", x_in, scale_in);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
-              "hat::lsq_fake_quant_backward: grad must match x in shape and dtype");
+  check_lsq_backward(grad_in, x_in, scale_in);
   auto x = x_in.contiguous();
   auto grad = grad_in.contiguous();
   auto scale = scale_in.contiguous();

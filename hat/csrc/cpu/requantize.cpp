@@ -10,15 +10,10 @@ namespace {
 
 at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in, const at::Tensor& shift_in,
                       std::optional<int64_t> axis, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
-  TORCH_CHECK(at::isIntegralType(acc_in.scalar_type(), /*includeBool=*/false),
-              "hat::requantize: the accumulator must be an integer tensor, got ", acc_in.scalar_type());
-  TORCH_CHECK(multiplier_in.numel() == shift_in.numel(), "hat::requantize: ", multiplier_in.numel(),
-              " multipliers but ", shift_in.numel(), " shifts");
   auto acc = acc_in.contiguous();
   auto multiplier = multiplier_in.to(at::kLong).contiguous();
   auto shift = shift_in.to(at::kLong).contiguous();
-  TORCH_CHECK(shift.numel() == 0 || (shift.min().item<int64_t>() >= 0 && shift.max().item<int64_t>() < 63),
-              "hat::requantize: shifts must lie in [0, 62]");
+  check_requantize(acc, multiplier, shift);
   auto layout = channel_layout("hat::requantize", acc, multiplier, axis);
   auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
   AT_DISPATCH_INTEGRAL_TYPES(acc.scalar_type(), "hat::requantize", [&] {

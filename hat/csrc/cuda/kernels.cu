@@ -94,9 +94,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::
 at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
   auto grad = grad_in.contiguous();
   auto mask = mask_in.contiguous();
-  TORCH_CHECK(grad.sizes() == mask.sizes() && mask.scalar_type() == at::kBool,
-              "hat::fake_quant_backward: grad ", grad.sizes(), " needs a bool mask of that shape, got ",
-              mask.scalar_type(), " ", mask.sizes());
+  check_mask(grad, mask);
   c10::cuda::CUDAGuard guard(grad.device());
   auto out = at::empty_like(grad);
   const int64_t n = grad.numel();
@@ -134,9 +132,7 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
                                                            const at::Tensor& scale_in, std::optional<int64_t> axis,
                                                            int64_t qmin, int64_t qmax, bool half_up,
                                                            double grad_factor) {
-  check_float_pair("hat::lsq_fake_quant_backward", x_in, scale_in);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
-              "hat::lsq_fake_quant_backward: grad must match x in shape and dtype");
+  check_lsq_backward(grad_in, x_in, scale_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous();
   auto grad = grad_in.contiguous();
@@ -160,16 +156,11 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
 
 at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in, const at::Tensor& shift_in,
                       std::optional<int64_t> axis, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
-  TORCH_CHECK(at::isIntegralType(acc_in.scalar_type(), /*includeBool=*/false),
-              "hat::requantize: the accumulator must be an integer tensor, got ", acc_in.scalar_type());
-  TORCH_CHECK(multiplier_in.numel() == shift_in.numel(), "hat::requantize: ", multiplier_in.numel(),
-              " multipliers but ", shift_in.numel(), " shifts");
   c10::cuda::CUDAGuard guard(acc_in.device());
   auto acc = acc_in.contiguous();
   auto multiplier = multiplier_in.to(acc.device(), at::kLong).contiguous();
   auto shift = shift_in.to(acc.device(), at::kLong).contiguous();
-  TORCH_CHECK(shift.numel() == 0 || (shift.min().item<int64_t>() >= 0 && shift.max().item<int64_t>() < 63),
-              "hat::requantize: shifts must lie in [0, 62]");
+  check_requantize(acc, multiplier, shift);
   auto layout = channel_layout("hat::requantize", acc, multiplier, axis);
   auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
   const int64_t n = acc.numel();
