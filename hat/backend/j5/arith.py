@@ -9,20 +9,19 @@ import torch
 
 from hat import ops
 from hat.backend.j5.profile import J5, Profile
+from hat.ops import reference
 from hat.ops.reference import shift_right_round  # noqa: F401  (the J5 shift, re-exported with its siblings)
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
-    return torch.floor(x + 0.5)
+    return reference.round_grid(x, half_up=True)
 
 
 def round_to_grid(x: torch.Tensor, rounding: str) -> torch.Tensor:
     """Round real values to integers: "half_up" (J5 hardware) or "half_even" (torch, ONNX)."""
-    if rounding == "half_up":
-        return round_half_up(x)
-    if rounding == "half_even":
-        return torch.round(x)
-    raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
+    if rounding not in ("half_up", "half_even"):
+        raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
+    return reference.round_grid(x, half_up=rounding == "half_up")
 
 
 def saturate(x: torch.Tensor, dtype: str, profile: Profile = J5) -> torch.Tensor:
