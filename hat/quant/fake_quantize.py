@@ -48,9 +48,9 @@ class FakeQuantize(nn.Module):
         return "torch.per_tensor_symmetric" if self.ch_axis is None else "torch.per_channel_symmetric"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled[0]:
+        if self.observer_enabled.item():
             self.observe(x)
-        if not self.fake_quant_enabled[0]:
+        if not self.fake_quant_enabled.item():
             return x
         return self.fake_quant(x)
 
@@ -60,13 +60,13 @@ class FakeQuantize(nn.Module):
         min/max, and the grid step becomes scale / factor. Same values up to float rounding, a third of the
         memory traffic of folding the weight and dividing the conv output back."""
         factor = factor.detach()
-        if self.observer_enabled[0]:
+        if self.observer_enabled.item():
             lo, hi = channel_range(weight.detach())
             lo, hi = torch.minimum(lo * factor, hi * factor), torch.maximum(lo * factor, hi * factor)
             if self.ch_axis is None:
                 lo, hi = lo.min(), hi.max()
             self.observe_range(lo, hi)
-        if not self.fake_quant_enabled[0]:
+        if not self.fake_quant_enabled.item():
             return weight
         step = self._train_scale().to(weight.dtype) / factor  # a negative factor mirrors the grid, as w * f does
         step = torch.where(factor == 0, torch.finfo(weight.dtype).max, step)  # gamma = 0: the channel quantizes to 0
@@ -74,7 +74,7 @@ class FakeQuantize(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        self.activation_post_process(x.detach())
+        self.activation_post_process(x)
         self._refresh_scale()
 
     @torch.no_grad()
@@ -84,8 +84,9 @@ class FakeQuantize(nn.Module):
         self._refresh_scale()
 
     def _refresh_scale(self) -> None:
-        scale = self.activation_post_process.calculate_scale().to(self.scale.device)
+        scale = self.activation_post_process.calculate_scale()
         if scale.shape != self.scale.shape:  # per-channel: the channel count is known from the first batch
+            scale = scale.to(self.scale.device)
             _replace(self, "scale", scale)
             _replace(self, "zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device))
         else:
