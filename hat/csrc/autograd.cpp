@@ -35,6 +35,31 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
   }
 };
 
+// Outputs (out, lo, hi, scale): only `out` is differentiable (straight through to the weight).
+class FoldedFunction : public torch::autograd::Function<FoldedFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& factor, double divisor,
+                             double eps, int64_t qmin, int64_t qmax, bool half_up) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("hat::fake_quant_folded", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t, bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mask, lo, hi, scale] = op.call(weight, factor, divisor, eps, qmin, qmax, half_up);
+    ctx->save_for_backward({mask});
+    ctx->mark_non_differentiable({lo, hi, scale});
+    return {out, lo, hi, scale};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("hat::fake_quant_backward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    auto mask = ctx->get_saved_variables()[0];
+    return {op.call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined(), undefined()};
+  }
+};
+
 class LsqFunction : public torch::autograd::Function<LsqFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
@@ -75,6 +100,13 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, std
   return FakeQuantFunction::apply(x, scale, axis, qmin, qmax, half_up);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quant_folded_autograd(
+    const at::Tensor& weight, const at::Tensor& factor, double divisor, double eps, int64_t qmin, int64_t qmax,
+    bool half_up) {
+  auto outs = FoldedFunction::apply(weight, factor, divisor, eps, qmin, qmax, half_up);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
 at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, std::optional<int64_t> axis,
                                    int64_t qmin, int64_t qmax, bool half_up, double grad_factor) {
   return LsqFunction::apply(x, scale, axis, qmin, qmax, half_up, grad_factor);
@@ -85,6 +117,7 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
 TORCH_LIBRARY_IMPL(hat, Autograd, m) {
   m.impl("fake_quant_autograd", &fake_quant_autograd);
   m.impl("lsq_fake_quant_autograd", &lsq_fake_quant_autograd);
+  m.impl("fake_quant_folded_autograd", &fake_quant_folded_autograd);
 }
 
 }  // namespace hat

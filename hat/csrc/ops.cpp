@@ -19,6 +19,11 @@ TORCH_LIBRARY(hat, m) {
   m.def("fake_quant_autograd(Tensor x, Tensor scale, int? axis, int qmin, int qmax, bool half_up) -> Tensor");
   m.def("lsq_fake_quant_autograd(Tensor x, Tensor scale, int? axis, int qmin, int qmax, bool half_up, "
         "float grad_factor) -> Tensor");
+  // a weight with its BN factor f folded in: range of W * f, scale, fake_quant(W, scale / f), gradient mask
+  m.def("fake_quant_folded(Tensor weight, Tensor factor, float divisor, float eps, int qmin, int qmax, "
+        "bool half_up) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fake_quant_folded_autograd(Tensor weight, Tensor factor, float divisor, float eps, int qmin, int qmax, "
+        "bool half_up) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("requantize(Tensor acc, Tensor multiplier, Tensor shift, int? axis, int qmin, int qmax, "
         "ScalarType dtype) -> Tensor");
   m.def("grid_sample(Tensor input, Tensor grid, int coord_shift, str mode, str padding_mode) -> Tensor");

@@ -13,7 +13,7 @@ import torch
 from hat.ops import reference
 from hat.ops.loader import ExtensionError, ExtensionStatus, ExtensionWarning, load_extension
 
-__all__ = ["fake_quant", "lsq_fake_quant", "requantize", "grid_sample", "extension_status", "ExtensionError",
+__all__ = ["fake_quant", "lsq_fake_quant", "fake_quant_folded", "requantize", "grid_sample", "extension_status", "ExtensionError",
            "ExtensionWarning"]
 
 _STATUS = load_extension()
@@ -98,6 +98,19 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qm
     scale = _flat(scale.to(x.dtype))
     function = torch.ops.hat.lsq_fake_quant_autograd if _uses_kernel(x, floats_only=True) else _LsqFakeQuant.apply
     return function(x, scale, _axis(scale, axis), qmin, qmax, _half_up(rounding), grad_factor)
+
+
+def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float, eps: float, qmin: int, qmax: int,
+                      rounding: str = "half_up") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Observe and fake-quantize a weight with its per-output-channel BN factor f folded in: (fake_quant(W * f) / f,
+    min and max of W * f per channel, scale). On the CPU kernel one read of W; gradients flow to W only."""
+    factor = factor.detach().to(weight.dtype)
+    half_up = _half_up(rounding)
+    if weight.device.type == "cpu" and _uses_kernel(weight, floats_only=True):
+        return torch.ops.hat.fake_quant_folded_autograd(weight, factor, divisor, eps, qmin, qmax, half_up)
+    with torch.no_grad():
+        lo, hi, scale, step = reference.folded_range(weight.detach(), factor, divisor, eps)
+    return fake_quant(weight, step, 0, qmin, qmax, rounding), lo, hi, scale
 
 
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor, axis: Optional[int], qmin: int,

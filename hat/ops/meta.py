@@ -27,6 +27,17 @@ def register() -> None:
     for name in ("fake_quant_autograd", "lsq_fake_quant_autograd"):
         torch.library.register_fake(f"hat::{name}")(lambda x, *args: torch.empty_like(x))
 
+    def _folded(weight, factor, divisor: float, eps: float, qmin: int, qmax: int, half_up: bool):
+        per_channel = factor.new_empty(factor.shape)
+        return torch.empty_like(weight), per_channel, torch.empty_like(per_channel), torch.empty_like(per_channel)
+
+    torch.library.register_fake("hat::fake_quant_folded_autograd")(_folded)
+
+    @torch.library.register_fake("hat::fake_quant_folded")
+    def _folded_with_mask(weight, factor, divisor: float, eps: float, qmin: int, qmax: int, half_up: bool):
+        out, lo, hi, scale = _folded(weight, factor, divisor, eps, qmin, qmax, half_up)
+        return out, torch.empty_like(weight, dtype=torch.bool), lo, hi, scale
+
     @torch.library.register_fake("hat::requantize")
     def _requantize(acc, multiplier, shift, axis: Optional[int], qmin: int, qmax: int, dtype: torch.dtype):
         return torch.empty_like(acc, dtype=dtype)

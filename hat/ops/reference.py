@@ -55,6 +55,26 @@ def lsq_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
     return grad * inside, (ds * grad_factor).reshape(scale.shape).to(scale.dtype)
 
 
+def folded_range(weight: torch.Tensor, factor: torch.Tensor, divisor: float,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output channel of W * f (f per channel, axis 0): min, max, symmetric scale max(|min|, |max|) / divisor
+    (at least eps), and the step scale / f that quantizes W itself (f = 0: a step so large that W becomes 0)."""
+    flat = weight.reshape(len(factor), -1)
+    low, high = flat.amin(1) * factor, flat.amax(1) * factor
+    lo, hi = torch.minimum(low, high), torch.maximum(low, high)
+    scale = (torch.maximum(lo.abs(), hi.abs()) / divisor).clamp(min=eps)
+    step = torch.where(factor == 0, torch.finfo(weight.dtype).max, scale / factor)
+    return lo, hi, scale, step
+
+
+def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float, eps: float, qmin: int, qmax: int,
+                      half_up: bool) -> tuple[torch.Tensor, ...]:
+    """fake_quant(W * f) / f with the scale observed from W * f: (out, mask, lo, hi, scale)."""
+    lo, hi, scale, step = folded_range(weight, factor, divisor, eps)
+    out, mask = fake_quant(weight, step, 0, qmin, qmax, half_up)
+    return out, mask, lo, hi, scale
+
+
 def shift_right_round(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     """Arithmetic right shift with round half up: (v + 2^(n-1)) >> n; n = 0 leaves v unchanged."""
     shift = torch.as_tensor(shift, dtype=torch.int64, device=v.device)

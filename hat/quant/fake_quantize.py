@@ -60,6 +60,13 @@ class FakeQuantize(nn.Module):
         min/max, and the grid step becomes scale / factor. Same values up to float rounding, a third of the
         memory traffic of folding the weight and dividing the conv output back."""
         factor = factor.detach()
+        if self._observes_current_weight() and self.observer_enabled.item() and self.fake_quant_enabled.item():
+            out, lo, hi, scale = ops.fake_quant_folded(weight, factor, current_profile().scale_divisor(self.dtype),
+                                                       EPS, self.quant_min, self.quant_max, self.rounding)
+            with torch.no_grad():
+                self.activation_post_process.update_range(lo, hi)
+                self._set_scale(scale)
+            return out
         if self.observer_enabled.item():
             lo, hi = channel_range(weight.detach())
             lo, hi = torch.minimum(lo * factor, hi * factor), torch.maximum(lo * factor, hi * factor)
@@ -84,13 +91,22 @@ class FakeQuantize(nn.Module):
         self._refresh_scale()
 
     def _refresh_scale(self) -> None:
-        scale = self.activation_post_process.calculate_scale()
+        self._set_scale(self.activation_post_process.calculate_scale())
+
+    def _set_scale(self, scale: torch.Tensor) -> None:
         if scale.shape != self.scale.shape:  # per-channel: the channel count is known from the first batch
             scale = scale.to(self.scale.device)
             _replace(self, "scale", scale)
             _replace(self, "zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device))
         else:
             self.scale.copy_(scale)
+
+    def _observes_current_weight(self) -> bool:
+        """Per-channel (axis 0), scale from this step's range alone (an observer averaging with constant 1): then
+        observing and fake-quantizing a folded weight is one fused op."""
+        observer = self.activation_post_process
+        return (type(self) is FakeQuantize and self.ch_axis == 0 and observer.ch_axis == 0
+                and getattr(observer, "averaging_constant", None) == 1.0)
 
     def current_scale(self) -> torch.Tensor:
         """The scale the fake quant applies now (what convert and QTensors use)."""

@@ -73,6 +73,36 @@ def test_lsq_forward_exact_and_scale_gradient_close(shape, axis, half_up, device
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("half_up", [True, False])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (5, 7), (3, 1, 1, 1)])
+def test_folded_weight_kernel_equals_reference(shape, half_up, dtype):
+    """Range of W * f, scale and fake_quant(W, scale / f) in one pass: bit-exact with the unfused reference,
+    with negative and zero factors."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    factor = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(dtype)
+    if shape[0] > 2:
+        factor[1] = 0
+    got = KERNELS.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127, half_up)
+    want = reference.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127, half_up)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_folded_fake_quant_gradient_is_straight_through_to_the_weight():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(8, 4, 3, 3, generator=gen).requires_grad_()
+    factor = torch.rand(8, generator=gen) + 0.5
+    out, lo, hi, scale = ops.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127)
+    out.sum().backward()
+    mask = reference.fake_quant_folded(weight.detach(), factor, 127.5, 1e-7, -128, 127, True)[1]
+    assert torch.equal(weight.grad, mask.float())  # 1 inside the range; the top value (127.5 steps) saturates
+    assert 0 < int((~mask).sum()) <= 8 and not lo.requires_grad
+    assert torch.equal(scale, torch.maximum(lo.abs(), hi.abs()) / 127.5)
+
+
+@needs_kernels
 def test_differentiable_ops_match_the_reference_autograd():
     x, scale = _inputs((32, 16, 3, 3), 0)
     for kernel, python in ((lambda a, s: ops.fake_quant(a, s, 0, -128, 127),
