@@ -100,9 +100,12 @@ class _QATWeighted(_Named):
     def _fake_quant_unfolded(self) -> torch.Tensor:
         """fake_quant(W * f) / f, f = the BN factor per output channel: the weight on the deployed grid, in the
         units of the unfolded conv, so that batch norm can normalize its output with batch statistics."""
-        factor, weight = self._bn_factor(), self.layer.weight
+        weight = self.layer.weight
         if isinstance(self.weight_fake_quant, FakeQuantize):
+            with torch.no_grad():  # the factor only sets the grid here: no autograd graph to build
+                factor = self._bn_factor()
             return self.weight_fake_quant.forward_folded(weight, factor)
+        factor = self._bn_factor()
         safe = torch.where(factor == 0, torch.ones_like(factor), factor)  # another fake quant: fold, quantize, unfold
         return self.weight_fake_quant(weight * along_axis(factor, weight, 0)) / along_axis(safe, weight, 0)
 

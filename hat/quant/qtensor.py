@@ -37,7 +37,8 @@ class QTensor:
         current_profile().qrange(dtype)  # validates the dtype
         if scale.numel() > 1 and dtype != "qint32":
             raise QuantizationError("only a high-precision (qint32) QTensor has a per-channel scale")
-        self.data, self.scale, self.dtype, self.producer = data, scale.reshape(-1), dtype, producer
+        self.data, self.dtype, self.producer = data, dtype, producer
+        self.scale = scale if scale.dim() == 1 else scale.reshape(-1)
         self.axis = axis  # the channel axis of a per-channel scale
 
     # --- what it is -----------------------------------------------------------------------------------------
