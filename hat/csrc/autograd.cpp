@@ -1,6 +1,6 @@
 // Differentiable fake quant ops, with autograd in C++: no Python on the training step's hot path.
-// They call the device kernels (hat::fake_quant, ...) below the autograd key, so one registration serves
-// CPU and CUDA.
+// They call the device kernels (hat::fake_quant, ...) below the autograd key, so one registration serves CPU and
+// CUDA; below autograd (inference mode) the same names run the plain kernels.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -9,66 +9,84 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
+using Tensor = at::Tensor;
+using MaybeAxis = std::optional<int64_t>;
 
-at::Tensor undefined() { return at::Tensor(); }
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const auto& fake_quant_op() {
+  static auto op = find<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, MaybeAxis, int64_t, int64_t, bool)>(
+      "hat::fake_quant");
+  return op;
+}
+
+const auto& masked_grad_op() {
+  static auto op = find<Tensor(const Tensor&, const Tensor&)>("hat::fake_quant_backward");
+  return op;
+}
+
+const auto& lsq_op() {
+  static auto op = find<Tensor(const Tensor&, const Tensor&, MaybeAxis, int64_t, int64_t, bool)>("hat::lsq_fake_quant");
+  return op;
+}
+
+const auto& lsq_backward_op() {
+  static auto op = find<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, MaybeAxis, int64_t,
+                                                   int64_t, bool, double)>("hat::lsq_fake_quant_backward");
+  return op;
+}
+
+const auto& folded_op() {
+  static auto op = find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double, double,
+                                                                           int64_t, int64_t, bool)>(
+      "hat::fake_quant_folded");
+  return op;
+}
+
+Tensor undefined() { return Tensor(); }
 
 class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
-                            std::optional<int64_t> axis, int64_t qmin, int64_t qmax, bool half_up) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::fake_quant", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   std::optional<int64_t>, int64_t, int64_t, bool)>();
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin,
+                        int64_t qmax, bool half_up) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mask] = op.call(x, scale, axis, qmin, qmax, half_up);
+    auto [out, mask] = fake_quant_op().call(x, scale, axis, qmin, qmax, half_up);
     ctx->save_for_backward({mask});
     return out;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::fake_quant_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
     auto mask = ctx->get_saved_variables()[0];
-    return {op.call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined()};
+    return {masked_grad_op().call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined()};
   }
 };
 
 // Outputs (out, lo, hi, scale): only `out` is differentiable (straight through to the weight).
 class FoldedFunction : public torch::autograd::Function<FoldedFunction> {
  public:
-  static tensor_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& factor, double divisor,
+  static tensor_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& factor, double divisor,
                              double eps, int64_t qmin, int64_t qmax, bool half_up) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::fake_quant_folded", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mask, lo, hi, scale] = op.call(weight, factor, divisor, eps, qmin, qmax, half_up);
+    auto [out, mask, lo, hi, scale] = folded_op().call(weight, factor, divisor, eps, qmin, qmax, half_up);
     ctx->save_for_backward({mask});
     ctx->mark_non_differentiable({lo, hi, scale});
     return {out, lo, hi, scale};
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::fake_quant_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
     auto mask = ctx->get_saved_variables()[0];
-    return {op.call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined(), undefined()};
+    return {masked_grad_op().call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined(),
+            undefined()};
   }
 };
 
 class LsqFunction : public torch::autograd::Function<LsqFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
-                            std::optional<int64_t> axis, int64_t qmin, int64_t qmax, bool half_up,
-                            double grad_factor) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::lsq_fake_quant", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, std::optional<int64_t>, int64_t,
-                                           int64_t, bool)>();
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin,
+                        int64_t qmax, bool half_up, double grad_factor) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, scale});
     ctx->saved_data["axis"] = axis.has_value() ? c10::IValue(*axis) : c10::IValue();
@@ -76,40 +94,53 @@ class LsqFunction : public torch::autograd::Function<LsqFunction> {
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["half_up"] = half_up;
     ctx->saved_data["grad_factor"] = grad_factor;
-    return op.call(x, scale, axis, qmin, qmax, half_up);
+    return lsq_op().call(x, scale, axis, qmin, qmax, half_up);
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("hat::lsq_fake_quant_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, std::optional<int64_t>,
-                                                                   int64_t, int64_t, bool, double)>();
     auto saved = ctx->get_saved_variables();
     auto axis_value = ctx->saved_data["axis"];
-    std::optional<int64_t> axis = axis_value.isNone() ? std::nullopt : std::optional<int64_t>(axis_value.toInt());
-    auto [dx, dscale] = op.call(grads[0].contiguous(), saved[0], saved[1], axis, ctx->saved_data["qmin"].toInt(),
-                                ctx->saved_data["qmax"].toInt(), ctx->saved_data["half_up"].toBool(),
-                                ctx->saved_data["grad_factor"].toDouble());
+    MaybeAxis axis = axis_value.isNone() ? std::nullopt : MaybeAxis(axis_value.toInt());
+    auto [dx, dscale] = lsq_backward_op().call(grads[0].contiguous(), saved[0], saved[1], axis,
+                                               ctx->saved_data["qmin"].toInt(), ctx->saved_data["qmax"].toInt(),
+                                               ctx->saved_data["half_up"].toBool(),
+                                               ctx->saved_data["grad_factor"].toDouble());
     return {dx, dscale, undefined(), undefined(), undefined(), undefined(), undefined()};
   }
 };
 
-at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, std::optional<int64_t> axis,
-                               int64_t qmin, int64_t qmax, bool half_up) {
+Tensor fake_quant_autograd(const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin, int64_t qmax,
+                           bool half_up) {
   return FakeQuantFunction::apply(x, scale, axis, qmin, qmax, half_up);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quant_folded_autograd(
-    const at::Tensor& weight, const at::Tensor& factor, double divisor, double eps, int64_t qmin, int64_t qmax,
-    bool half_up) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> fake_quant_folded_autograd(const Tensor& weight, const Tensor& factor,
+                                                                      double divisor, double eps, int64_t qmin,
+                                                                      int64_t qmax, bool half_up) {
   auto outs = FoldedFunction::apply(weight, factor, divisor, eps, qmin, qmax, half_up);
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 
-at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, std::optional<int64_t> axis,
-                                   int64_t qmin, int64_t qmax, bool half_up, double grad_factor) {
+Tensor lsq_fake_quant_autograd(const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin, int64_t qmax,
+                               bool half_up, double grad_factor) {
   return LsqFunction::apply(x, scale, axis, qmin, qmax, half_up, grad_factor);
+}
+
+Tensor fake_quant_plain(const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin, int64_t qmax,
+                        bool half_up) {
+  return std::get<0>(fake_quant_op().call(x, scale, axis, qmin, qmax, half_up));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fake_quant_folded_plain(const Tensor& weight, const Tensor& factor,
+                                                                   double divisor, double eps, int64_t qmin,
+                                                                   int64_t qmax, bool half_up) {
+  auto [out, mask, lo, hi, scale] = folded_op().call(weight, factor, divisor, eps, qmin, qmax, half_up);
+  return {out, lo, hi, scale};
+}
+
+Tensor lsq_fake_quant_plain(const Tensor& x, const Tensor& scale, MaybeAxis axis, int64_t qmin, int64_t qmax,
+                            bool half_up, double grad_factor) {
+  return lsq_op().call(x, scale, axis, qmin, qmax, half_up);
 }
 
 }  // namespace
@@ -118,6 +149,12 @@ TORCH_LIBRARY_IMPL(hat, Autograd, m) {
   m.impl("fake_quant_autograd", &fake_quant_autograd);
   m.impl("lsq_fake_quant_autograd", &lsq_fake_quant_autograd);
   m.impl("fake_quant_folded_autograd", &fake_quant_folded_autograd);
+}
+
+TORCH_LIBRARY_IMPL(hat, CompositeExplicitAutograd, m) {
+  m.impl("fake_quant_autograd", &fake_quant_plain);
+  m.impl("lsq_fake_quant_autograd", &lsq_fake_quant_plain);
+  m.impl("fake_quant_folded_autograd", &fake_quant_folded_plain);
 }
 
 }  // namespace hat

@@ -13,13 +13,14 @@ struct ChannelLayout {
 };
 
 inline ChannelLayout channel_layout(const char* op, const at::Tensor& x, const at::Tensor& scale,
-                                    std::optional<int64_t> axis) {
+                                    std::optional<int64_t> axis, const char* what = "scales") {
   if (!axis.has_value()) {
-    TORCH_CHECK(scale.numel() == 1, op, ": a per-tensor call takes one scale, got ", scale.numel());
+    TORCH_CHECK(scale.numel() == 1, op, ": a per-tensor call takes one of the ", what, ", got ", scale.numel(),
+                "; per channel, give the channel axis");
     return {1, std::max<int64_t>(x.numel(), 1)};
   }
   int64_t a = at::maybe_wrap_dim(*axis, x.dim());
-  TORCH_CHECK(scale.numel() == x.size(a), op, ": ", scale.numel(), " scales for ", x.size(a),
+  TORCH_CHECK(scale.numel() == x.size(a), op, ": ", scale.numel(), " ", what, " for ", x.size(a),
               " channels on axis ", a);
   int64_t inner = 1;
   for (int64_t d = a + 1; d < x.dim(); ++d) inner *= x.size(d);

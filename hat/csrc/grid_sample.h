@@ -14,8 +14,8 @@ struct GridShape {
 HAT_HD void grid_sample_pixel(const GridShape& g, const int8_t* input, const int16_t* grid, int8_t* out, int64_t p) {
   const int64_t x = p % g.out_w, y = (p / g.out_w) % g.out_h, n = p / (g.out_w * g.out_h);
   const int32_t one = 1 << g.shift;
-  int32_t fx = (static_cast<int32_t>(x) << g.shift) + grid[2 * p];
-  int32_t fy = (static_cast<int32_t>(y) << g.shift) + grid[2 * p + 1];
+  int32_t fx = static_cast<int32_t>(x) * one + grid[2 * p];  // multiplications: no left shift of negatives
+  int32_t fy = static_cast<int32_t>(y) * one + grid[2 * p + 1];
   const int64_t plane = g.h * g.w, out_plane = g.out_h * g.out_w;
   const int8_t* in_n = input + n * g.c * plane;
   int8_t* out_p = out + n * g.c * out_plane + y * g.out_w + x;
@@ -30,11 +30,11 @@ HAT_HD void grid_sample_pixel(const GridShape& g, const int8_t* input, const int
     return;
   }
   if (g.border) {
-    fx = clamp_to<int32_t>(fx, 0, (static_cast<int32_t>(g.w) - 1) << g.shift);
-    fy = clamp_to<int32_t>(fy, 0, (static_cast<int32_t>(g.h) - 1) << g.shift);
+    fx = clamp_to<int32_t>(fx, 0, (static_cast<int32_t>(g.w) - 1) * one);
+    fy = clamp_to<int32_t>(fy, 0, (static_cast<int32_t>(g.h) - 1) * one);
   }
   const int32_t x0 = fx >> g.shift, y0 = fy >> g.shift;  // floor, also for negative coordinates
-  const int32_t dx = fx - (x0 << g.shift), dy = fy - (y0 << g.shift);
+  const int32_t dx = fx - x0 * one, dy = fy - y0 * one;
   const int32_t weights[4] = {(one - dx) * (one - dy), dx * (one - dy), (one - dx) * dy, dx * dy};
   const int32_t xs[4] = {x0, x0 + 1, x0, x0 + 1}, ys[4] = {y0, y0, y0 + 1, y0 + 1};
   int64_t offsets[4];

@@ -28,7 +28,7 @@ def register() -> None:
         torch.library.register_fake(f"hat::{name}")(lambda x, *args: torch.empty_like(x))
 
     def _folded(weight, factor, divisor: float, eps: float, qmin: int, qmax: int, half_up: bool):
-        per_channel = factor.new_empty(factor.shape)
+        per_channel = factor.new_empty((factor.numel(),))
         return torch.empty_like(weight), per_channel, torch.empty_like(per_channel), torch.empty_like(per_channel)
 
     torch.library.register_fake("hat::fake_quant_folded_autograd")(_folded)

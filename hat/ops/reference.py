@@ -63,7 +63,8 @@ def folded_range(weight: torch.Tensor, factor: torch.Tensor, divisor: float,
     low, high = flat.amin(1) * factor, flat.amax(1) * factor
     lo, hi = torch.minimum(low, high), torch.maximum(low, high)
     scale = (torch.maximum(lo.abs(), hi.abs()) / divisor).clamp(min=eps)
-    step = torch.where(factor == 0, torch.finfo(weight.dtype).max, scale / factor)
+    zero = factor == 0
+    step = torch.where(zero, torch.finfo(weight.dtype).max, scale / torch.where(zero, 1.0, factor))
     return lo, hi, scale, step
 
 
@@ -85,6 +86,8 @@ def shift_right_round(v: torch.Tensor, shift: torch.Tensor | int) -> torch.Tenso
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor, axis: Optional[int], qmin: int,
                qmax: int, dtype: torch.dtype) -> torch.Tensor:
     """J5: (acc * m + 2^(n-1)) >> n, saturated to [qmin, qmax]; m, n per tensor or per channel along `axis`."""
+    if shift.numel() and not (0 <= int(shift.min()) and int(shift.max()) <= 62):
+        raise ValueError("hat::requantize: shifts must lie in [0, 62]")
     multiplier = _per_channel(multiplier.to(acc.device, torch.int64), acc, axis)
     shift = _per_channel(shift.to(acc.device, torch.int64), acc, axis)
     return shift_right_round(acc.to(torch.int64) * multiplier, shift).clamp(qmin, qmax).to(dtype)

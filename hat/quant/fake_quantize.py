@@ -63,9 +63,9 @@ class FakeQuantize(nn.Module):
         if self._observes_current_weight() and self.observer_enabled.item() and self.fake_quant_enabled.item():
             out, lo, hi, scale = ops.fake_quant_folded(weight, factor, current_profile().scale_divisor(self.dtype),
                                                        EPS, self.quant_min, self.quant_max, self.rounding)
-            with torch.no_grad():
-                self.activation_post_process.update_range(lo, hi)
-                self._set_scale(scale)
+            with torch.no_grad():  # observer state and scale stay float32 whatever the weight's dtype
+                self.activation_post_process.update_range(lo.float(), hi.float())
+                self._set_scale(scale.float())
             return out
         if self.observer_enabled.item():
             lo, hi = channel_range(weight.detach())
@@ -75,8 +75,11 @@ class FakeQuantize(nn.Module):
             self.observe_range(lo, hi)
         if not self.fake_quant_enabled.item():
             return weight
-        step = self._train_scale().to(weight.dtype) / factor  # a negative factor mirrors the grid, as w * f does
-        step = torch.where(factor == 0, torch.finfo(weight.dtype).max, step)  # gamma = 0: the channel quantizes to 0
+        # a negative factor mirrors the grid, as W * f does; gamma = 0: a step so large the channel quantizes to 0
+        # (divided by 1 first, so that no 0 / 0 reaches a learned scale's gradient)
+        zero = factor == 0
+        step = self._train_scale().to(weight.dtype) / torch.where(zero, 1.0, factor)
+        step = torch.where(zero, torch.finfo(weight.dtype).max, step)
         return self._quantize(weight, step, 0)
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat.quant.fake_quantize import FakeQuantize
+from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize
 from hat.quant.fuse import FusedLayer
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
@@ -100,13 +100,13 @@ class _QATWeighted(_Named):
     def _fake_quant_unfolded(self) -> torch.Tensor:
         """fake_quant(W * f) / f, f = the BN factor per output channel: the weight on the deployed grid, in the
         units of the unfolded conv, so that batch norm can normalize its output with batch statistics."""
-        weight = self.layer.weight
-        if isinstance(self.weight_fake_quant, FakeQuantize):
+        weight, fake_quant = self.layer.weight, self.weight_fake_quant
+        if type(fake_quant) in (FakeQuantize, LSQFakeQuantize) and fake_quant.ch_axis == 0:  # per output channel
             with torch.no_grad():  # the factor only sets the grid here: no autograd graph to build
                 factor = self._bn_factor()
             return self.weight_fake_quant.forward_folded(weight, factor)
-        factor = self._bn_factor()
-        safe = torch.where(factor == 0, torch.ones_like(factor), factor)  # another fake quant: fold, quantize, unfold
+        factor = self._bn_factor()  # any other weight fake quant (per tensor, PACT, ...): fold, quantize, unfold
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
         return self.weight_fake_quant(weight * along_axis(factor, weight, 0)) / along_axis(safe, weight, 0)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

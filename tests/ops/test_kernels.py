@@ -208,3 +208,36 @@ def test_torch_export_traces_the_kernels_and_runs_them():
     assert {"hat.fake_quant_autograd.default", "hat.grid_sample.default", "hat.requantize.default"} <= targets
     for got, want in zip(exported.module()(*args), UsesEveryOp()(*args)):
         assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_ops_run_under_inference_mode():
+    x, scale = _inputs((8, 4), 1)
+    weight, factor = torch.randn(4, 2, 3, 3), torch.rand(4) + 0.5
+    with torch.inference_mode():
+        assert torch.equal(ops.fake_quant(x, scale, 1, -128, 127), reference.fake_quant(x, scale, 1, -128, 127, True)[0])
+        assert torch.equal(ops.lsq_fake_quant(x, scale, 1, -128, 127),
+                           reference.lsq_fake_quant(x, scale, 1, -128, 127, True))
+        out = ops.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127)[0]
+    assert torch.equal(out, reference.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127, True)[0])
+
+
+@needs_kernels
+def test_folded_weight_kernel_propagates_nan_like_the_reference():
+    weight, factor = torch.randn(3, 20), torch.ones(3)
+    weight[0, 0], weight[1, 13] = float("nan"), float("nan")
+    got = KERNELS.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127, True)
+    want = reference.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_requantize_errors_name_the_multipliers_and_the_shift_range():
+    acc = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="one of the multipliers, got 4; per channel, give the channel axis"):
+        KERNELS.requantize(acc, torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int64), None, -128, 127,
+                           torch.int8)
+    for requantize in (KERNELS.requantize, reference.requantize):
+        with pytest.raises((RuntimeError, ValueError), match="shifts must lie in \\[0, 62\\]"):
+            requantize(acc, torch.ones(1, dtype=torch.int64), torch.tensor([63]), None, -128, 127, torch.int8)

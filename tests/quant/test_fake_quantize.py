@@ -167,3 +167,23 @@ def test_forward_folded_equals_fake_quant_of_the_folded_weight(cls):
     torch.testing.assert_close(got[nonzero] * factor[nonzero].view(-1, 1, 1, 1), plain[nonzero], rtol=1e-5,
                                atol=1e-6)
     assert torch.equal(got[~nonzero], torch.zeros_like(got[~nonzero]))  # gamma = 0: the deployed weight is 0
+
+
+def test_forward_folded_keeps_float32_state_for_float64_weights_across_calibration_and_qat():
+    fq = FakeQuantize(MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1.0)
+    weight, factor = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    fq.fake_quant_enabled.fill_(0)
+    fq.forward_folded(weight, factor)  # calibration: observe only
+    fq.fake_quant_enabled.fill_(1)
+    fq.forward_folded(weight, factor)  # QAT: the fused op
+    fq.fake_quant_enabled.fill_(0)
+    fq.forward_folded(weight, factor)  # and back
+    assert fq.scale.dtype == fq.activation_post_process.min_val.dtype == torch.float32
+
+
+def test_lsq_scale_gradient_stays_finite_when_a_bn_factor_is_zero():
+    fq = LSQFakeQuantize(MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1.0)
+    fq.scale = torch.nn.Parameter(torch.tensor([0.01, 0.02, 0.03, 0.04]))
+    fq.observer_enabled.fill_(0)
+    fq.forward_folded(torch.randn(4, 2, 3, 3), torch.tensor([0.5, 0.0, 2.0, 1.0])).sum().backward()
+    assert torch.isfinite(fq.scale.grad).all() and fq.scale.grad[1] == 0

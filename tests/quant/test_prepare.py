@@ -113,3 +113,27 @@ def test_bn_corner_cases_fold_without_nan_or_are_refused():
         quant.prepare_qat(qat)
     with pytest.raises(ValueError, match=r"qconfig_dict\[''\]: expected a QConfig .* got function"):
         quant.prepare_qat(model, {"": quant.get_default_qat_qconfig})
+
+
+def test_a_pact_weight_fake_quant_keeps_its_own_fold_and_clip():
+    """Only per-channel FakeQuantize/LSQ take the folded-weight shortcut; PACT (a custom weight qconfig) still
+    observes its alpha and clips."""
+    from hat.quant import (DeQuantStub, PACTFakeQuantize, QConfig, QuantStub, get_default_qat_qconfig, prepare_qat,
+                           set_fake_quant_state)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.body = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))  # fused by prepare_qat
+
+        def forward(self, x):
+            return self.dequant(self.body(self.quant(x)))
+
+    qconfig = QConfig(get_default_qat_qconfig().activation, PACTFakeQuantize)
+    model = prepare_qat(Net(), {"": qconfig})
+    conv = next(m for m in model.modules() if hasattr(m, "weight_fake_quant"))
+    set_fake_quant_state(model, "calibration")
+    expected = float((conv.layer.weight * conv._bn_factor().view(-1, 1, 1, 1)).detach().abs().max())  # before BN updates
+    model.train()(torch.randn(2, 2, 6, 6))
+    assert abs(float(conv.weight_fake_quant.alpha) - expected) < 1e-5

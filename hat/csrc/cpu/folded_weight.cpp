@@ -24,17 +24,17 @@ HAT_VECTOR_CLONES void row_range(const T* __restrict x, int64_t n, T* lo, T* hi)
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       T v = x[i + j];
-      mins[j] = v < mins[j] ? v : mins[j];
-      maxs[j] = v > maxs[j] ? v : maxs[j];
+      mins[j] = (v < mins[j] || v != v) ? v : mins[j];  // a NaN sticks, as in torch.amin
+      maxs[j] = (v > maxs[j] || v != v) ? v : maxs[j];
     }
   }
   for (; i < n; ++i) {
-    mins[0] = x[i] < mins[0] ? x[i] : mins[0];
-    maxs[0] = x[i] > maxs[0] ? x[i] : maxs[0];
+    mins[0] = (x[i] < mins[0] || x[i] != x[i]) ? x[i] : mins[0];
+    maxs[0] = (x[i] > maxs[0] || x[i] != x[i]) ? x[i] : maxs[0];
   }
   for (int j = 1; j < kLanes; ++j) {
-    mins[0] = mins[j] < mins[0] ? mins[j] : mins[0];
-    maxs[0] = maxs[j] > maxs[0] ? maxs[j] : maxs[0];
+    mins[0] = (mins[j] < mins[0] || mins[j] != mins[j]) ? mins[j] : mins[0];
+    maxs[0] = (maxs[j] > maxs[0] || maxs[j] != maxs[j]) ? maxs[j] : maxs[0];
   }
   *lo = mins[0];
   *hi = maxs[0];
@@ -67,11 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quan
           scalar_t mn, mx;
           row_range(wp + c * row, row, &mn, &mx);
           const scalar_t f = fp[c], a = mn * f, b = mx * f;
-          lp[c] = a < b ? a : b;  // the range of W * f: a negative f swaps the ends
-          hp[c] = a < b ? b : a;
+          const bool nan = a != a || b != b;  // torch.minimum/maximum/clamp propagate NaN
+          lp[c] = nan ? a + b : (a < b ? a : b);  // the range of W * f: a negative f swaps the ends
+          hp[c] = nan ? a + b : (a < b ? b : a);
           const scalar_t lo_abs = std::abs(lp[c]), hi_abs = std::abs(hp[c]);
-          scalar_t s = (lo_abs > hi_abs ? lo_abs : hi_abs) / div;
-          s = s < floor_scale ? floor_scale : s;
+          scalar_t s = (nan ? lo_abs : (lo_abs > hi_abs ? lo_abs : hi_abs)) / div;
+          s = (s < floor_scale) ? floor_scale : s;
           sp[c] = s;
           const scalar_t step = f == scalar_t(0) ? std::numeric_limits<scalar_t>::max() : s / f;
           fake_quant_run<kHalfUp, false>(wp + c * row, &step, scalar_t(qmin), scalar_t(qmax), op + c * row,

@@ -42,16 +42,17 @@ __global__ void lsq_kernel(const T* x, const T* scale, T* out, int64_t n, Channe
   HAT_GRID_STRIDE(i, n) { out[i] = lsq_one<HalfUp>(x[i], scale[(i / l.inner) % l.channels], qmin, qmax); }
 }
 
-// d/dx per element; d/dscale accumulated per channel in double (atomics: sums are order-dependent in the last bits).
+// d/dx per element, and each element's d/dscale term; the terms are summed per channel afterwards with a
+// deterministic reduction (atomics would make the scale gradient depend on thread timing).
 template <bool HalfUp, typename T>
-__global__ void lsq_backward_kernel(const T* grad, const T* x, const T* scale, T* dx, double* dscale, int64_t n,
+__global__ void lsq_backward_kernel(const T* grad, const T* x, const T* scale, T* dx, T* terms, int64_t n,
                                     ChannelLayout l, T qmin, T qmax) {
   HAT_GRID_STRIDE(i, n) {
     const int64_t c = (i / l.inner) % l.channels;
     T d, g;
     lsq_grad_one<HalfUp>(x[i], scale[c], qmin, qmax, &d, &g);
     dx[i] = d * grad[i];
-    atomicAdd(dscale + c, static_cast<double>(g * grad[i]));
+    terms[i] = g * grad[i];
   }
 }
 
@@ -139,18 +140,20 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
   auto scale = scale_in.contiguous();
   auto layout = channel_layout("hat::lsq_fake_quant_backward", x, scale, axis);
   auto dx = at::empty_like(x);
-  auto dscale = at::zeros({layout.channels}, scale.options().dtype(at::kDouble));
+  auto terms = at::empty_like(x);
   const int64_t n = x.numel();
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hat::lsq_fake_quant_backward", [&] {
       HAT_DISPATCH_ROUNDING(half_up, [&] {
         lsq_backward_kernel<kHalfUp, scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-            dx.data_ptr<scalar_t>(), dscale.data_ptr<double>(), n, layout, scalar_t(qmin), scalar_t(qmax));
+            dx.data_ptr<scalar_t>(), terms.data_ptr<scalar_t>(), n, layout, scalar_t(qmin), scalar_t(qmax));
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  const int64_t outer = layout.channels * layout.inner > 0 ? n / (layout.channels * layout.inner) : 0;
+  auto dscale = terms.reshape({outer, layout.channels, layout.inner}).sum({0, 2}, false, at::kDouble);
   return {dx, dscale.mul_(grad_factor).to(scale.scalar_type()).view(scale_in.sizes())};
 }
 
@@ -161,7 +164,7 @@ at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in,
   auto multiplier = multiplier_in.to(acc.device(), at::kLong).contiguous();
   auto shift = shift_in.to(acc.device(), at::kLong).contiguous();
   check_requantize(acc, multiplier, shift);
-  auto layout = channel_layout("hat::requantize", acc, multiplier, axis);
+  auto layout = channel_layout("hat::requantize", acc, multiplier, axis, "multipliers");
   auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
   const int64_t n = acc.numel();
   if (n == 0) return out;
