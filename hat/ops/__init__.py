@@ -13,8 +13,8 @@ import torch
 from hat.ops import reference
 from hat.ops.loader import ExtensionError, ExtensionStatus, ExtensionWarning, load_extension
 
-__all__ = ["fake_quant", "lsq_fake_quant", "fake_quant_folded", "requantize", "grid_sample", "extension_status", "ExtensionError",
-           "ExtensionWarning"]
+__all__ = ["fake_quant", "lsq_fake_quant", "fake_quant_folded", "requantize", "grid_sample", "extension_status",
+           "ExtensionError", "ExtensionWarning"]
 
 _STATUS = load_extension()
 if _STATUS.loaded:

@@ -215,7 +215,8 @@ def test_ops_run_under_inference_mode():
     x, scale = _inputs((8, 4), 1)
     weight, factor = torch.randn(4, 2, 3, 3), torch.rand(4) + 0.5
     with torch.inference_mode():
-        assert torch.equal(ops.fake_quant(x, scale, 1, -128, 127), reference.fake_quant(x, scale, 1, -128, 127, True)[0])
+        want = reference.fake_quant(x, scale, 1, -128, 127, True)[0]
+        assert torch.equal(ops.fake_quant(x, scale, 1, -128, 127), want)
         assert torch.equal(ops.lsq_fake_quant(x, scale, 1, -128, 127),
                            reference.lsq_fake_quant(x, scale, 1, -128, 127, True))
         out = ops.fake_quant_folded(weight, factor, 127.5, 1e-7, -128, 127)[0]
