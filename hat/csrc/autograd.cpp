@@ -28,6 +28,19 @@ const auto& masked_grad_op() {
   return op;
 }
 
+const auto& masked_grad_inplace_op() {
+  static auto op = find<Tensor&(Tensor&, const Tensor&)>("hat::fake_quant_backward_");
+  return op;
+}
+
+// The straight-through gradient. When nobody else can see the incoming gradient (this is its only handle, it owns
+// its storage, it is no view), it is masked where it lies: no weight-sized allocation and write each step.
+Tensor masked_grad(Tensor grad, const Tensor& mask) {
+  const bool owned = grad.defined() && grad.use_count() == 1 && !grad.is_view() && grad.is_contiguous() &&
+                     grad.storage().use_count() == 1 && grad.sizes() == mask.sizes();
+  return owned ? masked_grad_inplace_op().call(grad, mask) : masked_grad_op().call(grad, mask);
+}
+
 const auto& lsq_op() {
   static auto op = find<Tensor(const Tensor&, const Tensor&, MaybeAxis, int64_t, int64_t, bool)>("hat::lsq_fake_quant");
   return op;
@@ -58,9 +71,9 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
     return out;
   }
 
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+  static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {  // by reference: grads[0] can move
     auto mask = ctx->get_saved_variables()[0];
-    return {masked_grad_op().call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined()};
+    return {masked_grad(std::move(grads[0]), mask), undefined(), undefined(), undefined(), undefined(), undefined()};
   }
 };
 
@@ -76,9 +89,9 @@ class FoldedFunction : public torch::autograd::Function<FoldedFunction> {
     return {out, lo, hi, scale};
   }
 
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+  static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
     auto mask = ctx->get_saved_variables()[0];
-    return {masked_grad_op().call(grads[0], mask), undefined(), undefined(), undefined(), undefined(), undefined(),
+    return {masked_grad(std::move(grads[0]), mask), undefined(), undefined(), undefined(), undefined(), undefined(),
             undefined()};
   }
 };

@@ -12,6 +12,7 @@
 TORCH_LIBRARY(hat, m) {
   m.def("fake_quant(Tensor x, Tensor scale, int? axis, int qmin, int qmax, bool half_up) -> (Tensor, Tensor)");
   m.def("fake_quant_backward(Tensor grad, Tensor mask) -> Tensor");
+  m.def("fake_quant_backward_(Tensor(a!) grad, Tensor mask) -> Tensor(a!)");
   m.def("lsq_fake_quant(Tensor x, Tensor scale, int? axis, int qmin, int qmax, bool half_up) -> Tensor");
   m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor scale, int? axis, int qmin, int qmax, "
         "bool half_up, float grad_factor) -> (Tensor, Tensor)");

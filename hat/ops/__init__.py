@@ -103,7 +103,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qm
 def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float, eps: float, qmin: int, qmax: int,
                       rounding: str = "half_up") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Observe and fake-quantize a weight with its per-output-channel BN factor f folded in: (fake_quant(W * f) / f,
-    min and max of W * f per channel, scale). On the CPU kernel one read of W; gradients flow to W only."""
+    min and max of W * f per channel, scale). W * f is never formed; gradients flow to W only."""
     factor = factor.detach().to(weight.dtype)
     half_up = _half_up(rounding)
     if weight.device.type == "cpu" and _uses_kernel(weight, floats_only=True):

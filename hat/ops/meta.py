@@ -16,6 +16,10 @@ def register() -> None:
     def _fake_quant_backward(grad, mask):
         return torch.empty_like(grad)
 
+    @torch.library.register_fake("hat::fake_quant_backward_")
+    def _fake_quant_backward_inplace(grad, mask):
+        return grad
+
     @torch.library.register_fake("hat::lsq_fake_quant")
     def _lsq(x, scale, axis: Optional[int], qmin: int, qmax: int, half_up: bool):
         return torch.empty_like(x)

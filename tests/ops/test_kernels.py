@@ -242,3 +242,18 @@ def test_requantize_errors_name_the_multipliers_and_the_shift_range():
     for requantize in (KERNELS.requantize, reference.requantize):
         with pytest.raises((RuntimeError, ValueError), match="shifts must lie in \\[0, 62\\]"):
             requantize(acc, torch.ones(1, dtype=torch.int64), torch.tensor([63]), None, -128, 127, torch.int8)
+
+
+@needs_kernels
+def test_masked_gradient_never_overwrites_a_gradient_someone_else_holds():
+    """The backward masks the incoming gradient in place only when it is the sole owner."""
+    x, scale = _inputs((16, 8), 1)
+    x.requires_grad_()
+    out = ops.fake_quant(x, scale, 1, -128, 127)
+    mask = reference.fake_quant(x.detach(), scale, 1, -128, 127, True)[1]
+    held = torch.randn_like(x)
+    kept = held.clone()
+    (grad,) = torch.autograd.grad(out, x, grad_outputs=held, retain_graph=True)
+    assert torch.equal(held, kept) and torch.equal(grad, torch.where(mask, held, 0.0))
+    (out * 3).sum().backward()  # here the gradient is a fresh tensor nobody else holds
+    assert torch.equal(x.grad, torch.where(mask, 3.0, 0.0))

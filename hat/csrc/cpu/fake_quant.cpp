@@ -75,21 +75,35 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::
   return {out, mask};
 }
 
-at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
-  auto grad = grad_in.contiguous();
-  auto mask = mask_in.contiguous();
+// grad where mask else 0, into `out`: a new tensor, or grad itself (the in-place form).
+void masked_grad(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
   check_mask(grad, mask);
-  auto out = at::empty_like(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hat::fake_quant_backward", [&] {
     using Bits = BitsOf<scalar_t>;
     const uint8_t* mp = static_cast<const uint8_t*>(mask.const_data_ptr());  // bools are bytes 0 or 1
     const Bits* gp = static_cast<const Bits*>(grad.const_data_ptr());
     Bits* op = static_cast<Bits*>(out.data_ptr());
     at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      masked_run(gp + begin, mp + begin, op + begin, end - begin);
+      if (op == gp) {
+        masked_inplace_run(op + begin, mp + begin, end - begin);
+      } else {
+        masked_run(gp + begin, mp + begin, op + begin, end - begin);
+      }
     });
   });
+}
+
+at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
+  auto grad = grad_in.contiguous();
+  auto out = at::empty_like(grad);
+  masked_grad(grad, mask_in.contiguous(), out);
   return out;
+}
+
+at::Tensor& fake_quant_backward_(at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK(grad.is_contiguous(), "hat::fake_quant_backward_: grad must be contiguous");
+  masked_grad(grad, mask.contiguous(), grad);
+  return grad;
 }
 
 at::Tensor lsq_fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, std::optional<int64_t> axis,
@@ -179,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
 TORCH_LIBRARY_IMPL(hat, CPU, m) {
   m.impl("fake_quant", &fake_quant);
   m.impl("fake_quant_backward", &fake_quant_backward);
+  m.impl("fake_quant_backward_", &fake_quant_backward_);
   m.impl("lsq_fake_quant", &lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &lsq_fake_quant_backward);
 }

@@ -1,9 +1,10 @@
-// CPU: observe and fake-quantize a conv/linear weight with its batch-norm factor folded in, one channel at a
-// time while the channel's values are in cache: the per-channel range (of W * f), the scale, and
-// fake_quant(W, scale / f), i.e. fake_quant(W * f) / f, in one read of the weight instead of three.
+// CPU: observe and fake-quantize a conv/linear weight with its batch-norm factor folded in: the per-channel range
+// of W * f, the scale, and fake_quant(W, scale / f), i.e. fake_quant(W * f) / f, without forming W * f. The
+// per-channel min/max come from ATen's amin/amax (vectorized, NaN-propagating); the rest is one pass per channel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "../arith.h"
@@ -12,33 +13,6 @@
 
 namespace hat {
 namespace {
-
-constexpr int kLanes = 8;  // independent min/max lanes
-
-// min and max of a row in kLanes independent lanes (vectorizes; min and max are exact in any order).
-template <typename T>
-HAT_VECTOR_CLONES void row_range(const T* __restrict x, int64_t n, T* lo, T* hi) {
-  T mins[kLanes], maxs[kLanes];
-  for (int j = 0; j < kLanes; ++j) mins[j] = maxs[j] = n > 0 ? x[0] : T(0);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      T v = x[i + j];
-      mins[j] = (v < mins[j] || v != v) ? v : mins[j];  // a NaN sticks, as in torch.amin
-      maxs[j] = (v > maxs[j] || v != v) ? v : maxs[j];
-    }
-  }
-  for (; i < n; ++i) {
-    mins[0] = (x[i] < mins[0] || x[i] != x[i]) ? x[i] : mins[0];
-    maxs[0] = (x[i] > maxs[0] || x[i] != x[i]) ? x[i] : maxs[0];
-  }
-  for (int j = 1; j < kLanes; ++j) {
-    mins[0] = (mins[j] < mins[0] || mins[j] != mins[j]) ? mins[j] : mins[0];
-    maxs[0] = (maxs[j] > maxs[0] || maxs[j] != maxs[j]) ? maxs[j] : maxs[0];
-  }
-  *lo = mins[0];
-  *hi = maxs[0];
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quant_folded(
     const at::Tensor& weight_in, const at::Tensor& factor_in, double divisor, double eps, int64_t qmin, int64_t qmax,
@@ -53,10 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quan
   auto mask = at::empty_like(weight, weight.options().dtype(at::kBool));
   auto lo = at::empty({channels}, factor.options());
   auto hi = at::empty({channels}, factor.options());
+  auto rows = weight.view({channels, row});
+  auto row_min = channels && row ? rows.amin(1) : at::zeros({channels}, factor.options());
+  auto row_max = channels && row ? rows.amax(1) : at::zeros({channels}, factor.options());
   auto scale = at::empty({channels}, factor.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "hat::fake_quant_folded", [&] {
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     const scalar_t* fp = factor.data_ptr<scalar_t>();
+    const scalar_t *minp = row_min.data_ptr<scalar_t>(), *maxp = row_max.data_ptr<scalar_t>();
     scalar_t *op = out.data_ptr<scalar_t>(), *lp = lo.data_ptr<scalar_t>(), *hp = hi.data_ptr<scalar_t>();
     scalar_t* sp = scale.data_ptr<scalar_t>();
     bool* mp = mask.data_ptr<bool>();
@@ -64,9 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fake_quan
     HAT_DISPATCH_ROUNDING(half_up, [&] {
       at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          scalar_t mn, mx;
-          row_range(wp + c * row, row, &mn, &mx);
-          const scalar_t f = fp[c], a = mn * f, b = mx * f;
+          const scalar_t f = fp[c], a = minp[c] * f, b = maxp[c] * f;
           const bool nan = a != a || b != b;  // torch.minimum/maximum/clamp propagate NaN
           lp[c] = nan ? a + b : (a < b ? a : b);  // the range of W * f: a negative f swaps the ends
           hp[c] = nan ? a + b : (a < b ? b : a);

@@ -39,6 +39,12 @@ void masked_run(const Bits* __restrict grad, const uint8_t* __restrict mask, Bit
   for (int64_t i = 0; i < n; ++i) out[i] = grad[i] & static_cast<Bits>(Bits(0) - Bits(mask[i]));
 }
 
+template <typename Bits>
+HAT_VECTOR_CLONES
+void masked_inplace_run(Bits* __restrict grad, const uint8_t* __restrict mask, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) grad[i] &= static_cast<Bits>(Bits(0) - Bits(mask[i]));
+}
+
 template <typename T>
 using BitsOf = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
 

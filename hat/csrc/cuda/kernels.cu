@@ -92,20 +92,29 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x_in, const at::
   return {out, mask};
 }
 
-at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
-  auto grad = grad_in.contiguous();
-  auto mask = mask_in.contiguous();
+void masked_grad(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
   check_mask(grad, mask);
   c10::cuda::CUDAGuard guard(grad.device());
-  auto out = at::empty_like(grad);
   const int64_t n = grad.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "hat::fake_quant_backward", [&] {
     masked_grad_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), mask.data_ptr<bool>(), out.data_ptr<scalar_t>(), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
+  auto grad = grad_in.contiguous();
+  auto out = at::empty_like(grad);
+  masked_grad(grad, mask_in.contiguous(), out);
   return out;
+}
+
+at::Tensor& fake_quant_backward_(at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK(grad.is_contiguous(), "hat::fake_quant_backward_: grad must be contiguous");
+  masked_grad(grad, mask.contiguous(), grad);
+  return grad;
 }
 
 at::Tensor lsq_fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, std::optional<int64_t> axis,
@@ -202,6 +211,7 @@ at::Tensor grid_sample(const at::Tensor& input_in, const at::Tensor& grid_in, in
 TORCH_LIBRARY_IMPL(hat, CUDA, m) {
   m.impl("fake_quant", &fake_quant);
   m.impl("fake_quant_backward", &fake_quant_backward);
+  m.impl("fake_quant_backward_", &fake_quant_backward_);
   m.impl("lsq_fake_quant", &lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &lsq_fake_quant_backward);
   m.impl("requantize", &requantize);
