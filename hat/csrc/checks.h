@@ -72,4 +72,40 @@ inline void check_grid_sample(const at::Tensor& input, const at::Tensor& grid, i
               "hat::grid_sample: padding_mode must be zeros or border, got ", padding_mode);
 }
 
+// The out-of-place and in-place straight-through backward of one device, around its
+// masked_grad(grad, mask, out) (grad where mask else 0; out may be grad itself).
+using MaskedGradFn = void (*)(const at::Tensor&, const at::Tensor&, at::Tensor&);
+
+template <MaskedGradFn MaskedGrad>
+at::Tensor masked_backward(const at::Tensor& grad_in, const at::Tensor& mask) {
+  auto grad = grad_in.contiguous();
+  auto out = at::empty_like(grad);
+  MaskedGrad(grad, mask.contiguous(), out);
+  return out;
+}
+
+template <MaskedGradFn MaskedGrad>
+at::Tensor& masked_backward_(at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK(grad.is_contiguous(), "hat::fake_quant_backward_: grad must be contiguous");
+  MaskedGrad(grad, mask.contiguous(), grad);
+  return grad;
+}
+
+// hat::requantize's arguments as both devices' kernels take them: contiguous, int64 multipliers and shifts on
+// the accumulator's device, checked, with the channel layout and the output tensor.
+struct RequantizeArgs {
+  at::Tensor acc, multiplier, shift, out;
+  ChannelLayout layout;
+};
+
+inline RequantizeArgs requantize_args(const at::Tensor& acc_in, const at::Tensor& multiplier_in,
+                                      const at::Tensor& shift_in, std::optional<int64_t> axis, at::ScalarType dtype) {
+  auto acc = acc_in.contiguous();
+  auto multiplier = multiplier_in.to(acc.device(), at::kLong).contiguous();
+  auto shift = shift_in.to(acc.device(), at::kLong).contiguous();
+  check_requantize(acc, multiplier, shift);
+  auto layout = channel_layout("hat::requantize", acc, multiplier, axis, "multipliers");
+  return {acc, multiplier, shift, at::empty(acc.sizes(), acc.options().dtype(dtype)), layout};
+}
+
 }  // namespace hat

@@ -89,7 +89,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qmin: 
     `scale`: [1] per tensor or [C] along `axis`. No gradient flows to `scale` (it comes from an observer)."""
     scale = _flat(scale.detach().to(x.dtype))
     function = torch.ops.hat.fake_quant_autograd if _uses_kernel(x, floats_only=True) else _FakeQuant.apply
-    return function(x, scale, _axis(scale, axis), qmin, qmax, _half_up(rounding))
+    return function(x, scale, _axis(scale, axis), qmin, qmax, reference.is_half_up(rounding))
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qmin: int, qmax: int,
@@ -97,7 +97,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, axis: Optional[int], qm
     """LSQ fake quant: gradients to x (straight-through inside the range) and to the learned `scale`."""
     scale = _flat(scale.to(x.dtype))
     function = torch.ops.hat.lsq_fake_quant_autograd if _uses_kernel(x, floats_only=True) else _LsqFakeQuant.apply
-    return function(x, scale, _axis(scale, axis), qmin, qmax, _half_up(rounding), grad_factor)
+    return function(x, scale, _axis(scale, axis), qmin, qmax, reference.is_half_up(rounding), grad_factor)
 
 
 def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float, eps: float, qmin: int, qmax: int,
@@ -105,7 +105,7 @@ def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float
     """Observe and fake-quantize a weight with its per-output-channel BN factor f folded in: (fake_quant(W * f) / f,
     min and max of W * f per channel, scale). W * f is never formed; gradients flow to W only."""
     factor = factor.detach().to(weight.dtype)
-    half_up = _half_up(rounding)
+    half_up = reference.is_half_up(rounding)
     if weight.device.type == "cpu" and _uses_kernel(weight, floats_only=True):
         return torch.ops.hat.fake_quant_folded_autograd(weight, factor, divisor, eps, qmin, qmax, half_up)
     with torch.no_grad():
@@ -129,9 +129,3 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, coord_shift: int, mode:
     if not 0 <= coord_shift <= 8:
         raise ValueError(f"grid_sample: coord_shift must be in [0, 8], got {coord_shift}")
     return _impl("grid_sample", input)(input, grid, coord_shift, mode, padding_mode)
-
-
-def _half_up(rounding: str) -> bool:
-    if rounding not in ("half_up", "half_even"):
-        raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
-    return rounding == "half_up"

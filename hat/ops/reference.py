@@ -19,6 +19,13 @@ def _per_channel(values: torch.Tensor, like: torch.Tensor, axis: Optional[int]) 
     return values.reshape(shape)
 
 
+def is_half_up(rounding: str) -> bool:
+    """The rounding names: "half_up" (J5 hardware) or "half_even" (torch, ONNX); anything else is an error."""
+    if rounding not in ("half_up", "half_even"):
+        raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
+    return rounding == "half_up"
+
+
 def round_grid(v: torch.Tensor, half_up: bool) -> torch.Tensor:
     return torch.floor(v + 0.5) if half_up else torch.round(v)
 
@@ -55,17 +62,27 @@ def lsq_fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
     return grad * inside, (ds * grad_factor).reshape(scale.shape).to(scale.dtype)
 
 
-def folded_range(weight: torch.Tensor, factor: torch.Tensor, divisor: float,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per output channel of W * f (f per channel, axis 0): min, max, symmetric scale max(|min|, |max|) / divisor
-    (at least eps), and the step scale / f that quantizes W itself (f = 0: a step so large that W becomes 0)."""
+def folded_channel_range(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max per output channel (axis 0) of W * f, f per channel, without forming W * f."""
     flat = weight.reshape(len(factor), -1)
     low, high = flat.amin(1) * factor, flat.amax(1) * factor
-    lo, hi = torch.minimum(low, high), torch.maximum(low, high)
-    scale = (torch.maximum(lo.abs(), hi.abs()) / divisor).clamp(min=eps)
+    return torch.minimum(low, high), torch.maximum(low, high)  # a negative f swaps the ends
+
+
+def folded_step(scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The step that quantizes W as scale quantizes W * f: scale / f (a negative f mirrors the grid). f = 0: a step
+    so large that the channel quantizes to 0; divided by 1 first, so no 0 / 0 reaches a learned scale's gradient."""
     zero = factor == 0
-    step = torch.where(zero, torch.finfo(weight.dtype).max, scale / torch.where(zero, 1.0, factor))
-    return lo, hi, scale, step
+    return torch.where(zero, torch.finfo(scale.dtype).max, scale / torch.where(zero, 1.0, factor))
+
+
+def folded_range(weight: torch.Tensor, factor: torch.Tensor, divisor: float,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output channel of W * f: min, max, symmetric scale max(|min|, |max|) / divisor (at least eps), and the
+    folded step that quantizes W itself."""
+    lo, hi = folded_channel_range(weight, factor)
+    scale = (torch.maximum(lo.abs(), hi.abs()) / divisor).clamp(min=eps)
+    return lo, hi, scale, folded_step(scale, factor)
 
 
 def fake_quant_folded(weight: torch.Tensor, factor: torch.Tensor, divisor: float, eps: float, qmin: int, qmax: int,

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from hat import ops
+from hat.ops import reference
 from hat.backend.j5.arith import round_to_grid
 from hat.quant.march import current_profile
-from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver, channel_range
+from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -36,7 +37,7 @@ class FakeQuantize(nn.Module):
         self.dtype, self.ch_axis = dtype, ch_axis
         self.quant_min, self.quant_max = profile.qrange(dtype)
         self.rounding = rounding or profile.rounding
-        round_to_grid(torch.zeros(1), self.rounding)  # validates the rounding name
+        reference.is_half_up(self.rounding)  # validates the rounding name
         self.activation_post_process = observer(dtype=dtype, ch_axis=ch_axis, **observer_kwargs)
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
@@ -68,19 +69,13 @@ class FakeQuantize(nn.Module):
                 self._set_scale(scale.float())
             return out
         if self.observer_enabled.item():
-            lo, hi = channel_range(weight.detach())
-            lo, hi = torch.minimum(lo * factor, hi * factor), torch.maximum(lo * factor, hi * factor)
+            lo, hi = reference.folded_channel_range(weight.detach(), factor)
             if self.ch_axis is None:
                 lo, hi = lo.min(), hi.max()
             self.observe_range(lo, hi)
         if not self.fake_quant_enabled.item():
             return weight
-        # a negative factor mirrors the grid, as W * f does; gamma = 0: a step so large the channel quantizes to 0
-        # (divided by 1 first, so that no 0 / 0 reaches a learned scale's gradient)
-        zero = factor == 0
-        step = self._train_scale().to(weight.dtype) / torch.where(zero, 1.0, factor)
-        step = torch.where(zero, torch.finfo(weight.dtype).max, step)
-        return self._quantize(weight, step, 0)
+        return self._quantize(weight, reference.folded_step(self._train_scale().to(weight.dtype), factor), 0)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

@@ -19,9 +19,7 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 def round_to_grid(x: torch.Tensor, rounding: str) -> torch.Tensor:
     """Round real values to integers: "half_up" (J5 hardware) or "half_even" (torch, ONNX)."""
-    if rounding not in ("half_up", "half_even"):
-        raise ValueError(f"rounding must be 'half_up' or 'half_even', got '{rounding}'")
-    return reference.round_grid(x, half_up=rounding == "half_up")
+    return reference.round_grid(x, reference.is_half_up(rounding))
 
 
 def saturate(x: torch.Tensor, dtype: str, profile: Profile = J5) -> torch.Tensor:

@@ -93,19 +93,6 @@ void masked_grad(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out
   });
 }
 
-at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
-  auto grad = grad_in.contiguous();
-  auto out = at::empty_like(grad);
-  masked_grad(grad, mask_in.contiguous(), out);
-  return out;
-}
-
-at::Tensor& fake_quant_backward_(at::Tensor& grad, const at::Tensor& mask) {
-  TORCH_CHECK(grad.is_contiguous(), "hat::fake_quant_backward_: grad must be contiguous");
-  masked_grad(grad, mask.contiguous(), grad);
-  return grad;
-}
-
 at::Tensor lsq_fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, std::optional<int64_t> axis,
                           int64_t qmin, int64_t qmax, bool half_up) {
   check_float_pair("hat::lsq_fake_quant", x_in, scale_in);
@@ -192,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
 
 TORCH_LIBRARY_IMPL(hat, CPU, m) {
   m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_backward_", &fake_quant_backward_);
+  m.impl("fake_quant_backward", &masked_backward<masked_grad>);
+  m.impl("fake_quant_backward_", &masked_backward_<masked_grad>);
   m.impl("lsq_fake_quant", &lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &lsq_fake_quant_backward);
 }

@@ -10,12 +10,7 @@ namespace {
 
 at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in, const at::Tensor& shift_in,
                       std::optional<int64_t> axis, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
-  auto acc = acc_in.contiguous();
-  auto multiplier = multiplier_in.to(acc.device(), at::kLong).contiguous();
-  auto shift = shift_in.to(acc.device(), at::kLong).contiguous();
-  check_requantize(acc, multiplier, shift);
-  auto layout = channel_layout("hat::requantize", acc, multiplier, axis, "multipliers");
-  auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
+  auto [acc, multiplier, shift, out, layout] = requantize_args(acc_in, multiplier_in, shift_in, axis, dtype);
   AT_DISPATCH_INTEGRAL_TYPES(acc.scalar_type(), "hat::requantize", [&] {
     using acc_t = scalar_t;
     const acc_t* ap = acc.data_ptr<acc_t>();

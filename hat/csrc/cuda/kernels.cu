@@ -104,19 +104,6 @@ void masked_grad(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& mask_in) {
-  auto grad = grad_in.contiguous();
-  auto out = at::empty_like(grad);
-  masked_grad(grad, mask_in.contiguous(), out);
-  return out;
-}
-
-at::Tensor& fake_quant_backward_(at::Tensor& grad, const at::Tensor& mask) {
-  TORCH_CHECK(grad.is_contiguous(), "hat::fake_quant_backward_: grad must be contiguous");
-  masked_grad(grad, mask.contiguous(), grad);
-  return grad;
-}
-
 at::Tensor lsq_fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, std::optional<int64_t> axis,
                           int64_t qmin, int64_t qmax, bool half_up) {
   check_float_pair("hat::lsq_fake_quant", x_in, scale_in);
@@ -169,12 +156,7 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
 at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in, const at::Tensor& shift_in,
                       std::optional<int64_t> axis, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(acc_in.device());
-  auto acc = acc_in.contiguous();
-  auto multiplier = multiplier_in.to(acc.device(), at::kLong).contiguous();
-  auto shift = shift_in.to(acc.device(), at::kLong).contiguous();
-  check_requantize(acc, multiplier, shift);
-  auto layout = channel_layout("hat::requantize", acc, multiplier, axis, "multipliers");
-  auto out = at::empty(acc.sizes(), acc.options().dtype(dtype));
+  auto [acc, multiplier, shift, out, layout] = requantize_args(acc_in, multiplier_in, shift_in, axis, dtype);
   const int64_t n = acc.numel();
   if (n == 0) return out;
   AT_DISPATCH_INTEGRAL_TYPES(acc.scalar_type(), "hat::requantize", [&] {
@@ -210,8 +192,8 @@ at::Tensor grid_sample(const at::Tensor& input_in, const at::Tensor& grid_in, in
 
 TORCH_LIBRARY_IMPL(hat, CUDA, m) {
   m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_backward_", &fake_quant_backward_);
+  m.impl("fake_quant_backward", &masked_backward<masked_grad>);
+  m.impl("fake_quant_backward_", &masked_backward_<masked_grad>);
   m.impl("lsq_fake_quant", &lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &lsq_fake_quant_backward);
   m.impl("requantize", &requantize);
