@@ -9,23 +9,20 @@ QTensors, ...) need a module that observes that scale: FloatFunctional, which pr
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from hat.backend.j5.arith import multiplier_and_shift, requantize, round_half_up
+from hat.backend.j5 import kernels, trace
+from hat.backend.j5.arith import multiplier_and_shift, round_half_up
+from hat.backend.j5.kernels import along_axis
+from hat.backend.j5.profile import TORCH_DTYPES
 from hat.quant.march import current_profile
 
-TORCH_DTYPES = {"qint8": torch.int8, "qint16": torch.int16, "qint32": torch.int32}
 _HANDLERS: dict[Callable, Callable] = {}
-
-
-def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
-    """Shape per-channel `values` ([C]) to broadcast along `axis` of `like`."""
-    shape = [1] * like.ndim
-    shape[axis] = -1
-    return values.reshape(shape)
 
 
 class QuantizationError(RuntimeError):
@@ -52,10 +49,7 @@ class QTensor:
         return 1 if self.is_quantized else self.scale.detach()
 
     def dequantize(self) -> torch.Tensor:
-        if not self.is_quantized:
-            return self.data
-        scale = along_axis(self.scale, self.data, self.axis) if self.scale.numel() > 1 else self.scale
-        return (self.data.double() * scale.double()).float()  # float64 keeps int32 values exact
+        return kernels.dequantize(self.data, scale=self.scale, axis=self.axis) if self.is_quantized else self.data
 
     def int_repr(self) -> torch.Tensor:
         return self.data if self.is_quantized else round_half_up(self.data.detach() / self.scale.detach()).long()
@@ -82,6 +76,11 @@ class QTensor:
     def __len__(self) -> int:
         return len(self.data)
 
+    def __bool__(self) -> bool:
+        raise QuantizationError(f"control flow (if/while/assert) on the value of a QTensor from "
+                                f"'{self.producer or '?'}': a compiled model has one path (FAQ 2.4 Q10); remove the "
+                                f"data-dependent branch")
+
     def __repr__(self) -> str:
         mode = "quantized" if self.is_quantized else "qat"
         return f"QTensor({mode}, dtype={self.dtype}, scale={self.scale.detach().tolist()}, data={self.data})"
@@ -89,7 +88,10 @@ class QTensor:
     # --- python operators: constants keep the grid; two QTensors need a FloatFunctional ------------------------
     def __add__(self, other: Any) -> "QTensor":
         if isinstance(other, (int, float)):
-            return self._plain_op().with_data(self.clamp_to_range(self._wide() + self._const_steps(other)))
+            steps = self._plain_op()._const_steps(other)
+            if self.is_quantized:
+                return apply("add_steps", [self], {"steps": int(steps)}, self.scale, self.dtype, self.producer)
+            return self.with_data(self.clamp_to_range(self.data + steps))
         raise _needs_float_functional("+", "add")
 
     __radd__ = __add__
@@ -103,15 +105,18 @@ class QTensor:
         return (-self) + other
 
     def __neg__(self) -> "QTensor":
-        return self._plain_op().with_data(self.clamp_to_range(-self._wide()))
+        if self._plain_op().is_quantized:
+            return apply("add_steps", [self], {"steps": 0, "negate": True}, self.scale, self.dtype, self.producer)
+        return self.with_data(self.clamp_to_range(-self.data))
 
     def __mul__(self, other: Any) -> "QTensor":
         if isinstance(other, (int, float)):
             if other == 0:
-                return self.with_data(torch.zeros_like(self.data))
+                return self._plain_op()._on_grid("clip", {"low": 0, "high": 0}, lambda d: torch.zeros_like(d))
             base = -self if other < 0 else self._plain_op()
-            data = base.data if self.is_quantized else base.data * abs(other)
-            return QTensor(data, self.scale * abs(other), self.dtype, self.producer)
+            if self.is_quantized:  # the integers stay, the scale grows
+                return apply("identity", [base], {}, self.scale * abs(other), self.dtype, self.producer)
+            return QTensor(base.data * abs(other), self.scale * abs(other), self.dtype, self.producer)
         raise _needs_float_functional("*", "mul")
 
     __rmul__ = __mul__
@@ -122,7 +127,19 @@ class QTensor:
         raise QuantizationError("dividing a QTensor is only defined by a non-zero Python number")
 
     def __getitem__(self, index: Any) -> "QTensor":
-        return self._plain_op().with_data(self.data[index])
+        try:
+            items = kernels.encode_index(index)
+        except TypeError as exc:
+            raise QuantizationError(f"indexing a QTensor (from '{self.producer or '?'}') with a {exc}: only ints, "
+                                    f"slices, None and ... are supported (x[:, 1:3], x[0]); gather in float before "
+                                    f"the QuantStub instead") from None
+        return self._plain_op()._on_grid("index", {"items": items}, lambda d: d[index])
+
+    def _on_grid(self, op: str, params: dict, qat: Callable[[torch.Tensor], torch.Tensor]) -> "QTensor":
+        """An op that keeps the grid: kernel `op` on integers, `qat` on the QAT-mode data."""
+        if self.is_quantized:
+            return apply(op, [self], params, self.scale, self.dtype, self.producer)
+        return self.with_data(qat(self.data))
 
     def _const_steps(self, value: float) -> torch.Tensor:
         qmin, qmax = current_profile().qrange(self.dtype)
@@ -130,16 +147,14 @@ class QTensor:
         steps = steps.clamp(qmin - qmax, qmax - qmin)  # anything beyond saturates anyway; never wraps in int32
         return steps.to(torch.int32) if self.is_quantized else steps.float() * self.step
 
-    def _wide(self) -> torch.Tensor:
-        """Integer data widened to int32 so arithmetic saturates instead of wrapping."""
-        return self.data.to(torch.int32) if self.is_quantized else self.data
-
-    def _plain_op(self) -> "QTensor":
+    def _plain_op(self, consumer: str = "") -> "QTensor":
         if self.dtype == "qint32":
+            consumer = consumer or (trace.active().module if trace.active() else "")
+            by = f"module '{consumer}'" if consumer else "an op"
             raise QuantizationError(
-                f"module '{self.producer or '?'}' has a high-precision (qint32) output, but an op uses it; only a "
-                f"DeQuantStub at the model output may consume it. Give '{self.producer or 'that module'}' an "
-                f"int8/int16 qconfig (get_default_qat_qconfig) instead of get_default_qat_out_qconfig")
+                f"module '{self.producer or '?'}' has a high-precision (qint32) output, but {by} uses it (FAQ 2.4 "
+                f"Q9); only a DeQuantStub at the model output may consume it. Give '{self.producer or 'that module'}' "
+                f"an int8/int16 qconfig (get_default_qat_qconfig) instead of get_default_qat_out_qconfig")
         return self
 
     # --- torch functions ----------------------------------------------------------------------------------------
@@ -184,39 +199,58 @@ def _register(*funcs: Callable):
     return add
 
 
-def _same_grid(fn: Callable) -> Callable:
-    """An op that maps grid values to grid values (and ints to ints): apply it to `data` in either mode."""
+def _layout(method: str) -> Callable:
+    """torch.reshape(t, shape) and t.reshape(*shape) alike: the same method on `data` (integers or QAT values)."""
 
     def handler(x: QTensor, *args, **kwargs) -> QTensor:
-        kwargs.pop("inplace", None)
-        return x._plain_op().with_data(fn(x.data, *args, **kwargs))
+        listed = lambda a: list(a) if isinstance(a, (tuple, torch.Size)) else a  # noqa: E731  (JSON-friendly)
+        params = {"method": method, "args": [listed(a) for a in args], "kwargs": {k: listed(v) for k, v in kwargs.items()}}
+        return x._plain_op()._on_grid("layout", params, lambda d: kernels.layout(d, **params))
 
     return handler
 
 
-_SAME_GRID_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous")
-for _name in _SAME_GRID_METHODS:  # torch.reshape(t, shape) and t.reshape(*shape) both end as data.reshape(...)
-    _funcs = [getattr(torch.Tensor, _name)] + ([getattr(torch, _name)] if hasattr(torch, _name) else [])
-    _register(*_funcs)(_same_grid(lambda d, *a, _name=_name, **k: getattr(d, _name)(*a, **k)))
-_register(F.relu, torch.relu, torch.Tensor.relu)(_same_grid(lambda d: d.clamp(min=0)))
-_register(F.max_pool2d, torch.max_pool2d)(_same_grid(F.max_pool2d))
-_register(F.dropout)(_same_grid(lambda d, p=0.5, training=False: d))  # dropout would leave the grid: off
+for _name in kernels.LAYOUT_METHODS:
+    _register(getattr(torch.Tensor, _name), *([getattr(torch, _name)] if hasattr(torch, _name) else []))(
+        _layout(_name))
+
+
+@_register(F.relu, torch.relu, torch.Tensor.relu)
+def _relu(x: QTensor, inplace: bool = False) -> QTensor:
+    return x._plain_op()._on_grid("clip", {"low": 0, "high": None}, lambda d: d.clamp(min=0))
+
+
+@_register(F.max_pool2d, torch.max_pool2d)
+def _max_pool(x: QTensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+              return_indices=False) -> QTensor:
+    if return_indices:
+        raise QuantizationError("max_pool2d(return_indices=True) on a QTensor: indices are not a quantized tensor")
+    params = {"kernel_size": kernel_size, "stride": stride or kernel_size, "padding": padding, "dilation": dilation,
+              "ceil_mode": ceil_mode}
+    return x._plain_op()._on_grid("max_pool2d", params, lambda d: kernels.max_pool2d(d, **params))
+
+
+@_register(F.dropout)
+def _dropout(x: QTensor, p: float = 0.5, training: bool = False, inplace: bool = False) -> QTensor:
+    return x  # dropout would leave the grid: off
 
 
 @_register(F.hardtanh, F.relu6)
 def _clip(x: QTensor, min_val: float = 0.0, max_val: float = 6.0, inplace: bool = False) -> QTensor:
     x = x._plain_op()
     low, high = x._const_steps(min_val), x._const_steps(max_val)
-    return x.with_data(x.clamp_to_range(torch.minimum(torch.maximum(x._wide(), low), high)))
+    if x.is_quantized:
+        return apply("clip", [x], {"low": int(low), "high": int(high)}, x.scale, x.dtype, x.producer)
+    return x.with_data(x.clamp_to_range(torch.minimum(torch.maximum(x.data, low), high)))
 
 
 @_register(F.interpolate)
 def _interpolate(x: QTensor, size=None, scale_factor=None, mode: str = "nearest", **kwargs) -> QTensor:
     if mode != "nearest":
         raise QuantizationError(f"interpolate(mode='{mode}') on a QTensor needs requantization; use mode='nearest'")
-    data = x._plain_op().data
-    out = F.interpolate(data.float() if x.is_quantized else data, size=size, scale_factor=scale_factor, mode=mode)
-    return x.with_data(out.to(data.dtype))
+    params = {"size": list(size) if isinstance(size, tuple) else size,
+              "scale_factor": list(scale_factor) if isinstance(scale_factor, tuple) else scale_factor}
+    return x._plain_op()._on_grid("resize_nearest", params, lambda d: F.interpolate(d, size, scale_factor))
 
 
 @_register(torch.cat, torch.concat)
@@ -225,7 +259,10 @@ def _cat(tensors, dim: int = 0) -> QTensor:
     if not all(isinstance(t, QTensor) for t in tensors) or any(
             t.dtype != first.dtype or not torch.equal(t.scale.detach(), first.scale.detach()) for t in tensors):
         raise _needs_float_functional("torch.cat", "cat")
-    return first._plain_op().with_data(torch.cat([t.data for t in tensors], dim))
+    tensors = [t._plain_op() for t in tensors]
+    if first.is_quantized:
+        return apply("concat", tensors, {"dim": dim}, first.scale, first.dtype, first.producer)
+    return first.with_data(torch.cat([t.data for t in tensors], dim))
 
 
 @_register(F.adaptive_avg_pool2d)
@@ -234,7 +271,7 @@ def _global_average(x: QTensor, output_size) -> QTensor:
         raise QuantizationError(f"adaptive_avg_pool2d on a QTensor supports output size 1 (global), got {output_size}")
     area = x.shape[-1] * x.shape[-2]
     sums = lambda d: d.sum(dim=(-2, -1), keepdim=True)  # noqa: E731
-    return _requantized_mean(x, sums, area)
+    return _requantized_mean(x, sums, area, "global_avg_pool", {})
 
 
 @_register(F.avg_pool2d)
@@ -246,19 +283,19 @@ def _average(x: QTensor, kernel_size, stride=None, padding=0, ceil_mode=False, c
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     area = divisor_override or k[0] * k[1]
     sums = lambda d: F.avg_pool2d(d, k, stride, padding, ceil_mode, True, divisor_override=1)  # noqa: E731
-    return _requantized_mean(x, sums, area)
+    window = {"kernel_size": list(k), "stride": stride or list(k), "padding": padding}
+    return _requantized_mean(x, sums, area, "avg_pool2d", window)
 
 
-def _requantized_mean(x: QTensor, window_sum: Callable, area: int) -> QTensor:
+def _requantized_mean(x: QTensor, window_sum: Callable, area: int, op: str, window: dict) -> QTensor:
     """Window sums (int32 on the device) times 1/area via the J5 multiplier and shift, on the input's scale.
 
     QAT applies the same effective ratio m / 2^n and rounding, so both modes agree."""
     x = x._plain_op()
-    ratio = torch.tensor(1.0 / area, dtype=torch.float64)
+    multiplier, shift = multiplier_and_shift(torch.tensor(1.0 / area, dtype=torch.float64))
     if x.is_quantized:
-        sums = torch.round(window_sum(x.data.double())).long()  # exact: integer sums in float64
-        return x.with_data(requantize(sums, ratio, x.dtype).to(TORCH_DTYPES[x.dtype]))
-    multiplier, shift = multiplier_and_shift(ratio)
+        params = dict(window, multiplier=int(multiplier), shift=int(shift), out_dtype=x.dtype)
+        return apply(op, [x], params, x.scale, x.dtype, x.producer)
     effective = float(multiplier) / 2.0 ** int(shift)
     steps = _ste_round(window_sum(x.data) / x.step) * effective  # integer sums first, as on the device
     return x.with_data(_ste_round(steps) * x.step)
@@ -278,11 +315,35 @@ class NamedQuantModule(torch.nn.Module):
         return [as_qtensor(x, self.hat_name)._plain_op() for x in xs]
 
 
+def apply(op: str, inputs: Sequence[Any], params: dict, scale: torch.Tensor, dtype: str, producer: str = "",
+          axis: int = 1) -> QTensor:
+    """Run integer kernel `op` (hat.backend.j5.kernels) on the inputs' data: every quantized-mode op goes through
+    here, so a tracer (backend.compile) records exactly what ran, with the parameters it ran with."""
+    tracer = trace.active()
+    with tracer.kernel() if tracer else contextlib.nullcontext():
+        data = kernels.KERNELS[op](*(x.data if isinstance(x, QTensor) else x for x in inputs), **params)
+    out = QTensor(data, scale, dtype, producer, axis)
+    if tracer:
+        tracer.record(op, inputs, out, params)
+    return out
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "") -> QTensor:
     """Float -> quantized-mode QTensor with the march's rounding and saturation."""
-    qmin, qmax = current_profile().qrange(dtype)
-    q = round_half_up(x / scale).clamp(qmin, qmax).to(TORCH_DTYPES[dtype])
-    return QTensor(q, scale, dtype, producer)
+    return apply("quantize", [x], {"scale": scale, "dtype": dtype}, scale, dtype, producer)
+
+
+def dequantize_output(x: Any) -> Any:
+    """What a DeQuantStub does: float from a QTensor (recorded as the program's `dequantize`), else unchanged."""
+    if not isinstance(x, QTensor) or not x.is_quantized:
+        return dequantize(x)
+    tracer = trace.active()
+    params = {"scale": x.scale, "axis": x.axis}
+    with tracer.kernel() if tracer else contextlib.nullcontext():
+        out = kernels.dequantize(x.data, **params)
+    if tracer:
+        tracer.record("dequantize", [x], out, params)
+    return out
 
 
 def dequantize(x: Any) -> Any:

@@ -1,21 +1,22 @@
 """Quantized modules: integer weights, int32 bias and accumulators, J5 requantization (int16 multiplier,
 round-half-up shift, saturation). They compute on QTensors in quantized mode (integer data).
 
-Integer convolutions run in float64, which is exact for every int8/int16 x int8 sum within the J5 limits
-(|sum| < 2^53), then become int64.
+Each forward resolves its integer parameters (bias on the accumulator grid, multipliers, shifts) against its input
+scale and runs one kernel of hat.backend.j5.kernels through `apply`: what backend.compile records and the integer
+program replays.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hat.backend.j5.arith import requantize, round_half_up, saturate
+from hat.backend.j5.arith import multiplier_and_shift, round_half_up, saturate
+from hat.backend.j5.kernels import accumulate_dtype, along_axis
 from hat.quant.march import current_profile
 from hat.quant.stubs import FunctionalMethods
-from hat.quant.qtensor import TORCH_DTYPES, NamedQuantModule, QTensor, along_axis, dequantize, quantize
+from hat.quant.qtensor import NamedQuantModule, QTensor, apply, dequantize_output, quantize
 
 
 class QuantizedQuantStub(NamedQuantModule):
@@ -30,7 +31,7 @@ class QuantizedQuantStub(NamedQuantModule):
 
 class QuantizedDeQuantStub(NamedQuantModule):
     def forward(self, x):
-        return dequantize(x)
+        return dequantize_output(x)
 
 
 class _QuantizedWeighted(NamedQuantModule):
@@ -61,35 +62,39 @@ class _QuantizedWeighted(NamedQuantModule):
                         "qint32").long()
 
     channel_axis = 1  # where output channels are: 1 for convs (N, C, H, W), -1 for linears (..., C)
+    op = ""  # the kernel
+
+    def integer_params(self, x: QTensor) -> dict:
+        """Everything the kernel needs besides the input's integers, resolved against the input's scale."""
+        acc_scale = x.scale.double() * self.weight_scale.double()
+        params = {"weight": self.weight_int, "bias": self.integer_bias(x.scale), **self.layer_args,
+                  "accumulate": accumulate_dtype(self.weight_int, x.dtype), "relu": self.activation in ("relu", "relu6"),
+                  "multiplier": None, "shift": None, "acc_max": None, "out_max": None, "out_dtype": self.out_dtype}
+        if self.out_scale is None:  # high-precision output: the accumulator itself
+            if self.activation == "relu6":
+                params["acc_max"] = round_half_up(6.0 / acc_scale).long()
+            return params
+        params["multiplier"], params["shift"] = multiplier_and_shift(acc_scale / self.out_scale.double())
+        if self.activation == "relu6":
+            params["out_max"] = int(round_half_up(torch.tensor(6.0 / float(self.out_scale))))
+        return params
 
     def forward(self, x) -> QTensor:
         (x,) = self._qinputs(x)
-        axis = self.channel_axis
-        acc = torch.round(self._compute(x.data.double(), self.weight_int.double())).long()
-        acc = acc + along_axis(self.integer_bias(x.scale), acc, axis)
-        acc = saturate(acc, "qint32")  # the int32 accumulator
-        if self.activation in ("relu", "relu6"):
-            acc = acc.clamp(min=0)
-        acc_scale = x.scale.double() * self.weight_scale.double()
-        if self.out_scale is None:  # high-precision output: the accumulator itself
-            if self.activation == "relu6":
-                acc = torch.minimum(acc, along_axis(round_half_up(6.0 / acc_scale).long(), acc, axis))
-            return QTensor(acc.to(torch.int32), acc_scale.float(), "qint32", self.hat_name, axis=axis)
-        out = requantize(acc, acc_scale / self.out_scale.double(), self.out_dtype, channel_axis=axis)
-        if self.activation == "relu6":
-            out = out.clamp(max=int(round_half_up(torch.tensor(6.0 / float(self.out_scale)))))
-        return QTensor(out.to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype, self.hat_name)
+        params = self.integer_params(x)
+        if self.out_scale is None:
+            acc_scale = (x.scale.double() * self.weight_scale.double()).float()
+            return apply(self.op, [x], params, acc_scale, "qint32", self.hat_name, axis=self.channel_axis)
+        return apply(self.op, [x], params, self.out_scale, self.out_dtype, self.hat_name)
 
 
 class QuantizedConv2d(_QuantizedWeighted):
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, None, **self.layer_args)
+    op = "conv2d"
 
 
 class QuantizedLinear(_QuantizedWeighted):
     channel_axis = -1
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+    op = "linear"
 
 
 class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
@@ -104,9 +109,11 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
         self.out_dtype = out_dtype
         self.register_buffer("out_scale", out_scale.detach().clone().reshape(1))
 
-    def _out(self, acc: torch.Tensor, acc_scale: torch.Tensor) -> QTensor:
-        q = requantize(acc, acc_scale.double() / self.out_scale.double(), self.out_dtype)
-        return QTensor(q.to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype, self.hat_name)
+    def _out(self, op: str, inputs: list[QTensor], acc_scale: torch.Tensor, **params) -> QTensor:
+        """Kernel `op`, its accumulator (scale `acc_scale`) requantized to the observed output scale."""
+        multiplier, shift = multiplier_and_shift(acc_scale.double() / self.out_scale.double())
+        params.update(multiplier=int(multiplier), shift=int(shift), out_dtype=self.out_dtype)
+        return apply(op, inputs, params, self.out_scale, self.out_dtype, self.hat_name)
 
     def _add_shift(self, x: QTensor, ratio: float = 0.0) -> int:
         """The left shift of the add: within the march's limit, small enough that qscale = ratio * 2^shift fits
@@ -124,8 +131,7 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
         ratio = float(y.scale) / float(x.scale)
         shift = self._add_shift(x, ratio)
         qscale = sign_y * int(round_half_up(torch.tensor(ratio * 2 ** shift, dtype=torch.float64)))
-        acc = sign_x * (x.data.long() << shift) + y.data.long() * qscale
-        return self._out(acc, x.scale / 2 ** shift)
+        return self._out("add", [x, y], x.scale / 2 ** shift, x_shift=shift, x_sign=sign_x, y_multiplier=qscale)
 
     def _add(self, x, y):
         return self._aligned_sum(*self._qinputs(x, y), 1)
@@ -135,24 +141,24 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
 
     def _mul(self, x, y):
         x, y = self._qinputs(x, y)
-        return self._out(x.data.long() * y.data.long(), x.scale * y.scale)
+        return self._out("mul", [x, y], x.scale * y.scale)
 
     def _add_scalar(self, x, value: float):
         (x,) = self._qinputs(x)
         shift = self._add_shift(x)
         constant = int(round_half_up(torch.tensor(value / float(x.scale) * 2 ** shift, dtype=torch.float64)))
-        return self._out((x.data.long() << shift) + constant, x.scale / 2 ** shift)
+        return self._out("add_scalar", [x], x.scale / 2 ** shift, x_shift=shift, constant=constant)
 
     def _mul_scalar(self, x, value: float):
         (x,) = self._qinputs(x)
-        sign = -1 if value < 0 else 1
-        return self._out(x.data.long() * sign, x.scale * abs(value))
+        return self._out("mul_scalar", [x], x.scale * abs(value), sign=-1 if value < 0 else 1)
 
     def _cat(self, tensors, dim: int = 0):
-        parts = [requantize(t.data.long(), t.scale.double() / self.out_scale.double(), self.out_dtype)
-                 for t in self._qinputs(*tensors)]
-        return QTensor(torch.cat(parts, dim).to(TORCH_DTYPES[self.out_dtype]), self.out_scale, self.out_dtype,
-                       self.hat_name)
+        tensors = self._qinputs(*tensors)
+        pairs = [multiplier_and_shift(t.scale.double() / self.out_scale.double()) for t in tensors]
+        params = {"dim": dim, "multipliers": [int(m) for m, _ in pairs], "shifts": [int(n) for _, n in pairs],
+                  "out_dtype": self.out_dtype}
+        return apply("cat", tensors, params, self.out_scale, self.out_dtype, self.hat_name)
 
 
 def _layer_args(layer: nn.Module) -> dict:

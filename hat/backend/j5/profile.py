@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+import torch
+
 QRANGES = MappingProxyType({"qint8": (-128, 127), "qint16": (-32768, 32767), "qint32": (-2**31, 2**31 - 1)})
+TORCH_DTYPES = MappingProxyType({"qint8": torch.int8, "qint16": torch.int16, "qint32": torch.int32})
 
 
 @dataclass(frozen=True)

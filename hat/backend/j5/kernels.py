@@ -1,0 +1,211 @@
+"""The J5 integer ops, as plain functions of integer tensors: the one implementation of each op.
+
+The quantized modules (hat.quant) call them in forward and the integer program (program.py) calls them with the
+parameters stored in its file, so the two are bit-exact by construction; `KERNELS` is the op set of the IR.
+Runtime inputs are positional; everything fixed at compile time (weights, multipliers, shapes) is a keyword.
+
+Convolutions accumulate in float32 when every partial sum is an integer below 2^24 (exact; `accumulate`, chosen
+at compile time from the weights and the input dtype), else in float64 (exact below 2^53).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hat import ops
+from hat.backend.j5.profile import J5, TORCH_DTYPES
+from hat.ops.reference import round_grid
+
+FLOAT32_EXACT = 2 ** 24
+_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+
+
+def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """Shape per-channel `values` ([C]) to broadcast along `axis` of `like`."""
+    shape = [1] * like.ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def accumulator_bound(weight_int: torch.Tensor, input_dtype: str) -> int:
+    """The largest |sum| a filter can reach before the bias: max over channels of sum|w| * max|x|."""
+    qmin, qmax = J5.qrange(input_dtype)
+    per_filter = weight_int.reshape(len(weight_int), -1).abs().sum(1, dtype=torch.int64)
+    return int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
+
+
+def accumulate_dtype(weight_int: torch.Tensor, input_dtype: str) -> str:
+    return "float32" if accumulator_bound(weight_int, input_dtype) < FLOAT32_EXACT else "float64"
+
+
+def requantize(acc: torch.Tensor, multiplier: Any, shift: Any, out_dtype: str, axis: Optional[int] = None):
+    """int accumulator -> out_dtype: (acc * m + 2^(n-1)) >> n, saturated; m, n per tensor (ints) or per channel."""
+    qmin, qmax = J5.qrange(out_dtype)
+    multiplier, shift = torch.as_tensor(multiplier), torch.as_tensor(shift)
+    return ops.requantize(acc, multiplier, shift, axis if multiplier.numel() > 1 else None, qmin, qmax,
+                          TORCH_DTYPES[out_dtype])
+
+
+# --- model boundary ------------------------------------------------------------------------------------------------
+def quantize(x: torch.Tensor, *, scale: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float -> integers: round half up of x / scale, saturated to dtype."""
+    qmin, qmax = J5.qrange(dtype)
+    return round_grid(x / scale, half_up=True).clamp(qmin, qmax).to(TORCH_DTYPES[dtype])
+
+
+def dequantize(q: torch.Tensor, *, scale: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """integers -> float32; a per-channel scale (high-precision outputs) broadcasts along `axis`."""
+    scale = along_axis(scale, q, axis) if scale.numel() > 1 else scale
+    return (q.double() * scale.double()).float()  # float64 keeps int32 values exact
+
+
+# --- conv / linear -------------------------------------------------------------------------------------------------
+def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, groups: int,
+           **finish: Any) -> torch.Tensor:
+    acc = _accumulate(lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups), x, weight, finish)
+    return _finish(acc, bias, 1, **finish)
+
+
+def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, **finish: Any) -> torch.Tensor:
+    return _finish(_accumulate(F.linear, x, weight, finish), bias, -1, **finish)
+
+
+def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, finish: dict) -> torch.Tensor:
+    dtype = _ACCUMULATE[finish.pop("accumulate")]
+    return torch.round(compute(x.to(dtype), weight.to(dtype))).long()
+
+
+def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, *, relu: bool, multiplier: Optional[torch.Tensor],
+            shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
+            out_dtype: str) -> torch.Tensor:
+    """bias on the int32 accumulator, saturate, relu; then requantize (or keep int32: a high-precision output)."""
+    qmin, qmax = J5.qrange("qint32")
+    acc = (acc + along_axis(bias, acc, axis)).clamp_(min=0 if relu else qmin, max=qmax)
+    if multiplier is None:
+        if acc_max is not None:  # relu6 on the accumulator's per-channel grid
+            acc = torch.minimum(acc, along_axis(acc_max, acc, axis))
+        return acc.to(torch.int32)
+    out = requantize(acc, multiplier, shift, out_dtype, axis)
+    return out.clamp_(max=min(out_max, J5.qrange(out_dtype)[1])) if out_max is not None else out
+
+
+# --- tensor-tensor arithmetic (FloatFunctional) ---------------------------------------------------------------------
+def add(x: torch.Tensor, y: torch.Tensor, *, x_shift: int, x_sign: int, y_multiplier: int, multiplier: int,
+        shift: int, out_dtype: str) -> torch.Tensor:
+    """J5 add: ((x << x_shift) * x_sign + y * y_multiplier), requantized; x is the operand with the larger scale."""
+    acc = x_sign * (x.long() << x_shift) + y.long() * y_multiplier
+    return requantize(acc, multiplier, shift, out_dtype)
+
+
+def mul(x: torch.Tensor, y: torch.Tensor, *, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    return requantize(x.long() * y.long(), multiplier, shift, out_dtype)
+
+
+def add_scalar(x: torch.Tensor, *, x_shift: int, constant: int, multiplier: int, shift: int,
+               out_dtype: str) -> torch.Tensor:
+    return requantize((x.long() << x_shift) + constant, multiplier, shift, out_dtype)
+
+
+def mul_scalar(x: torch.Tensor, *, sign: int, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    return requantize(x.long() * sign, multiplier, shift, out_dtype)
+
+
+def cat(*xs: torch.Tensor, dim: int, multipliers: Sequence[int], shifts: Sequence[int],
+        out_dtype: str) -> torch.Tensor:
+    """Each input requantized to the output scale, then concatenated."""
+    return torch.cat([requantize(x.long(), m, n, out_dtype) for x, m, n in zip(xs, multipliers, shifts)], dim)
+
+
+# --- ops that keep the grid ----------------------------------------------------------------------------------------
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """Data unchanged; only the scale differs (x * positive constant)."""
+    return x
+
+
+def clip(x: torch.Tensor, *, low: Optional[int], high: Optional[int]) -> torch.Tensor:
+    """relu (low 0), relu6/hardtanh (both), saturated to x's dtype (bounds may lie outside it)."""
+    if low is None and high is None:
+        return x
+    info = torch.iinfo(x.dtype)
+    return x.to(torch.int32).clamp(min=low, max=high).clamp(info.min, info.max).to(x.dtype)
+
+
+def add_steps(x: torch.Tensor, *, steps: int, negate: bool = False) -> torch.Tensor:
+    """(-x if negate else x) + steps, saturated to x's dtype: x + constant and -x on the same grid."""
+    info = torch.iinfo(x.dtype)
+    wide = -x.to(torch.int32) if negate else x.to(torch.int32)
+    return (wide + steps).clamp(info.min, info.max).to(x.dtype)
+
+
+def max_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, dilation, ceil_mode: bool) -> torch.Tensor:
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def avg_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, multiplier: int, shift: int,
+               out_dtype: str) -> torch.Tensor:
+    """Window sums (int32 on the device) times 1/area as multiplier and shift."""
+    sums = F.avg_pool2d(x.double(), kernel_size, stride, padding, False, True, divisor_override=1)
+    return requantize(torch.round(sums).long(), multiplier, shift, out_dtype)
+
+
+def global_avg_pool(x: torch.Tensor, *, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    return requantize(x.long().sum(dim=(-2, -1), keepdim=True), multiplier, shift, out_dtype)
+
+
+def resize_nearest(x: torch.Tensor, *, size=None, scale_factor=None) -> torch.Tensor:
+    return F.interpolate(x.float(), size=size, scale_factor=scale_factor, mode="nearest").to(x.dtype)
+
+
+def layout(x: torch.Tensor, *, method: str, args: Sequence = (), kwargs: Optional[dict] = None) -> torch.Tensor:
+    """reshape/view/flatten/permute/transpose/squeeze/unsqueeze/contiguous: torch.Tensor's method of that name."""
+    if method not in LAYOUT_METHODS:
+        raise ValueError(f"layout: unknown method '{method}'; known: {', '.join(LAYOUT_METHODS)}")
+    return getattr(x, method)(*args, **(kwargs or {}))
+
+
+LAYOUT_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous")
+
+
+def index(x: torch.Tensor, *, items: Sequence) -> torch.Tensor:
+    """Basic indexing: items are ints, None, "..." or [start, stop, step] slices (JSON-friendly x[...])."""
+    return x[tuple(decode_index(items))]
+
+
+def encode_index(key: Any) -> list:
+    """x[key] as JSON-friendly items; raises TypeError for advanced (tensor or list) indexing."""
+    items = []
+    for item in key if isinstance(key, tuple) else (key,):
+        if isinstance(item, slice):
+            items.append([item.start, item.stop, item.step])
+        elif item is Ellipsis:
+            items.append("...")
+        elif item is None or (isinstance(item, int) and not isinstance(item, bool)):
+            items.append(item)
+        else:
+            raise TypeError(f"index {type(item).__name__}")
+    return items
+
+
+def decode_index(items: Sequence) -> list:
+    return [slice(*i) if isinstance(i, list) else Ellipsis if i == "..." else i for i in items]
+
+
+def concat(*xs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenation of inputs already on one grid (equal scales and dtypes)."""
+    return torch.cat(xs, dim)
+
+
+def grid_sample(x: torch.Tensor, grid: torch.Tensor, *, grid_scale: torch.Tensor, coord_shift: int, mode: str,
+                padding_mode: str) -> torch.Tensor:
+    """J5 grid sample; the grid (quantized offsets in pixels) becomes int16 fixed point with coord_shift bits."""
+    offsets = dequantize(grid, scale=grid_scale) if not grid.is_floating_point() else grid
+    fixed = round_grid(offsets * 2 ** coord_shift, half_up=True).clamp(-32768, 32767).to(torch.int16)
+    return ops.grid_sample(x, fixed, coord_shift, mode, padding_mode)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    f.__name__: f for f in (quantize, dequantize, conv2d, linear, add, mul, add_scalar, mul_scalar, cat, identity,
+                            clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest, layout, index,
+                            concat, grid_sample)}

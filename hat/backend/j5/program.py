@@ -1,0 +1,102 @@
+"""The integer program: a list of J5 integer ops over named values, with its integer tensors; runs without the model.
+
+`Program.run(x)` quantizes the float input, runs each node's kernel (hat.backend.j5.kernels, the functions the
+quantized modules use) and dequantizes the outputs. Saving and loading live in irfile.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from pathlib import Path
+
+import torch
+
+from hat.backend.j5.kernels import KERNELS
+
+TENSOR_REF = "$tensor"  # a node parameter {"$tensor": name} refers to Program.tensors[name]
+
+
+class ProgramInputError(ValueError):
+    """Input of the wrong count, dtype or shape for an integer program."""
+
+
+@dataclass
+class Value:
+    """What flows between nodes: its dtype (float32 at the model boundary, else qint8/qint16/qint32), the
+    shape seen when compiling (dim 0 is the batch) and, for integers, the scale (per channel for qint32)."""
+
+    dtype: str
+    shape: list[int]
+    scale: list[float] = field(default_factory=list)
+    axis: int = 1
+    constant: bool = False  # held in Program.tensors under the value's name
+
+
+@dataclass
+class Node:
+    op: str  # a name in KERNELS
+    inputs: list[str]
+    output: str
+    params: dict[str, Any]  # JSON values; tensors as {"$tensor": name}
+    module: str = ""  # where it came from in the model, for messages
+
+
+@dataclass
+class Program:
+    march: str
+    inputs: list[str]
+    outputs: list[str]
+    values: dict[str, Value]
+    nodes: list[Node]
+    tensors: dict[str, torch.Tensor]
+    _resolved: Optional[list[dict[str, Any]]] = field(default=None, init=False, repr=False, compare=False)
+
+    def run(self, *inputs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Float inputs (shapes as compiled, any batch) -> float outputs, bit-exact with the quantized model."""
+        env = self._bind(inputs)
+        for node, params in zip(self.nodes, self._resolved_params()):
+            env[node.output] = KERNELS[node.op](*(env[name] for name in node.inputs), **params)
+        outputs = tuple(env[name] for name in self.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    __call__ = run
+
+    def _bind(self, inputs: tuple) -> dict[str, torch.Tensor]:
+        if len(inputs) != len(self.inputs):
+            raise ProgramInputError(f"the program takes {len(self.inputs)} input(s), got {len(inputs)}")
+        env = {name: t for name, t in self.tensors.items() if name in self.values and self.values[name].constant}
+        for name, x in zip(self.inputs, inputs):
+            expected = self.values[name].shape
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise ProgramInputError(f"input '{name}' must be a float tensor, got {type(x).__name__}"
+                                        f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}")
+            if list(x.shape[1:]) != expected[1:]:
+                raise ProgramInputError(f"input '{name}' has shape {list(x.shape)}; the program was compiled for "
+                                        f"[N, {', '.join(map(str, expected[1:]))}]: recompile with an example of "
+                                        f"that shape")
+            env[name] = x.float()
+        return env
+
+    def _resolved_params(self) -> list[dict[str, Any]]:
+        """Each node's parameters with tensor references replaced by the tensors (computed once)."""
+        if self._resolved is None:
+            self._resolved = [{k: self.tensors[v[TENSOR_REF]] if isinstance(v, dict) and TENSOR_REF in v else v
+                               for k, v in node.params.items()} for node in self.nodes]
+        return self._resolved
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the program as one .hir file (format: hat/backend/j5/irfile.py); backend.load reads it."""
+        from hat.backend.j5.irfile import save
+
+        return save(self, path)
+
+    def summary(self) -> str:
+        """One line per node: op, module, output dtype and shape."""
+        lines = [f"integer program for march '{self.march}': {len(self.nodes)} ops, "
+                 f"{sum(t.numel() for t in self.tensors.values())} stored integers"]
+        for node in self.nodes:
+            value = self.values[node.output]
+            lines.append(f"  {node.output:<6} {node.op:<16} {value.dtype:<8} {str(value.shape):<20} {node.module}")
+        return "\n".join(lines)
