@@ -12,9 +12,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from hat import ops
-from hat.backend.j5.arith import round_half_up
-from hat.quant.qtensor import QTensor, QuantizationError, _ste_round
+from hat.quant.qtensor import QTensor, QuantizationError, _ste_round, apply
 
 Tensorish = Union[torch.Tensor, QTensor]
 
@@ -53,9 +51,10 @@ def grid_sample(input: Tensorish, grid: Tensorish, mode: str = "bilinear", paddi
         raise QuantizationError(f"grid_sample on J5 takes a qint8 input; '{x.producer or 'its producer'}' gives "
                                 f"{x.dtype}. Give that module an int8 activation qconfig")
     shift = coord_shift(tuple(x.shape[-2:]), tuple(offsets.shape[1:3]))
-    if x.is_quantized:
-        fixed = round_half_up(offsets.detach() * 2 ** shift).clamp(-32768, 32767).to(torch.int16)
-        return x.with_data(ops.grid_sample(x.data, fixed, shift, mode, padding_mode))
+    if x.is_quantized:  # the grid: a QTensor of the program, or a float tensor the model holds (a constant)
+        grid_scale = grid.scale if isinstance(grid, QTensor) else torch.ones(1)
+        params = {"grid_scale": grid_scale, "coord_shift": shift, "mode": mode, "padding_mode": padding_mode}
+        return apply("grid_sample", [x, grid], params, x.scale, x.dtype, x.producer)
     fixed = _ste_round(offsets * 2 ** shift).clamp(-32768, 32767) / 2 ** shift  # the grid the device will see
     sampled = F.grid_sample(x.data, norm_grid(x.data, fixed), mode, padding_mode, align_corners=True)
     return x.with_data(_ste_round(sampled / x.step) * x.step)

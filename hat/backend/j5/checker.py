@@ -69,7 +69,7 @@ def check_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], march:
     if report.findings:
         return report
     try:
-        report.program = trace(model.eval(), tuple(example_inputs), march)
+        report.program = trace(model.eval(), tuple(example_inputs), march, _refuse_float_module)
     except (UntraceableError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
         report.findings.append(Finding("trace", _module_in(exc), _trace_message(exc)))
         return report
@@ -97,7 +97,7 @@ def compile_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], marc
 # --- pass 1: the modules ---------------------------------------------------------------------------------------------
 def _module_findings(model: nn.Module) -> Iterator[Finding]:
     from hat.quant.fake_quantize import FakeQuantize
-    from hat.quant.quantized import QuantizedQuantStub, _QuantizedWeighted
+    from hat.quant.quantized import QuantizedQuantStub
 
     if not isinstance(model, nn.Module):
         yield Finding("model", "", f"expected a torch nn.Module, got {type(model).__name__}")
@@ -111,19 +111,18 @@ def _module_findings(model: nn.Module) -> Iterator[Finding]:
         yield Finding("convert", "", "the model has no quantized input (no converted QuantStub): it is a float "
                                      "model. Prepare it (prepare_qat / prepare_qat_fx), calibrate, train and convert")
         return
-    for name, m in modules.items():
-        if isinstance(m, nn.modules.loss._Loss):
-            yield Finding("loss", name, f"a loss ({type(m).__name__}) is inside the deploy model (FAQ 2.4 Q8): "
-                                        f"compile only the inference part (e.g. model.deploy_model())")
-        elif _is_float_layer(m) and not isinstance(m, _QuantizedWeighted):
-            yield Finding("qconfig", name, f"{type(m).__name__} has no qconfig and stayed float (FAQ 2.4 Q8): give "
-                                           f"it a qconfig (remove it from quant.float_modules / the qconfig_dict's "
-                                           f"None entries), then calibrate and convert again")
 
 
-def _is_float_layer(m: nn.Module) -> bool:
+def _refuse_float_module(name: str, m: nn.Module) -> None:
+    """Called for each module the trace enters: a loss, or a layer left float, cannot run in the program."""
+    if isinstance(m, nn.modules.loss._Loss):
+        raise UntraceableError(f"a loss ({type(m).__name__}) runs inside the deploy model (FAQ 2.4 Q8): compile "
+                               f"only the inference part (e.g. model.deploy_model())")
     weight = getattr(m, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.is_floating_point() and type(m).__module__.startswith("torch.")
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and type(m).__module__.startswith("torch."):
+        raise UntraceableError(f"{type(m).__name__} has no qconfig and stayed float (FAQ 2.4 Q8): give it a qconfig "
+                               f"(remove it from quant.float_modules / the qconfig_dict's None entries), then "
+                               f"calibrate and convert again")
 
 
 # --- pass 2: the trace -----------------------------------------------------------------------------------------------

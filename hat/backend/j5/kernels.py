@@ -63,21 +63,22 @@ def dequantize(q: torch.Tensor, *, scale: torch.Tensor, axis: int = 1) -> torch.
 
 # --- conv / linear -------------------------------------------------------------------------------------------------
 def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, groups: int,
-           **finish: Any) -> torch.Tensor:
-    acc = _accumulate(lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups), x, weight, finish)
-    return _finish(acc, bias, 1, **finish)
+           accumulate: str, relu: bool, multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+           acc_max: Optional[torch.Tensor], out_max: Optional[int], out_dtype: str) -> torch.Tensor:
+    dtype = _ACCUMULATE[accumulate]
+    acc = F.conv2d(x.to(dtype), weight.to(dtype), None, stride, padding, dilation, groups)
+    return _finish(torch.round(acc).long(), bias, 1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
-def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, **finish: Any) -> torch.Tensor:
-    return _finish(_accumulate(F.linear, x, weight, finish), bias, -1, **finish)
+def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, accumulate: str, relu: bool,
+           multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor],
+           out_max: Optional[int], out_dtype: str) -> torch.Tensor:
+    dtype = _ACCUMULATE[accumulate]
+    acc = F.linear(x.to(dtype), weight.to(dtype))
+    return _finish(torch.round(acc).long(), bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
-def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, finish: dict) -> torch.Tensor:
-    dtype = _ACCUMULATE[finish.pop("accumulate")]
-    return torch.round(compute(x.to(dtype), weight.to(dtype))).long()
-
-
-def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, *, relu: bool, multiplier: Optional[torch.Tensor],
+def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, relu: bool, multiplier: Optional[torch.Tensor],
             shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
             out_dtype: str) -> torch.Tensor:
     """bias on the int32 accumulator, saturate, relu; then requantize (or keep int32: a high-precision output)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -166,14 +166,18 @@ def _float_code_message(func: str, what: str, module: str) -> str:
             f"and compute the rest outside, or quantize the op (QuantStub before it)")
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], march: str) -> Program:
-    """Run the quantized `model` once on `example_inputs` and return the integer program it executed."""
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], march: str,
+          on_module: Optional[Callable[[str, nn.Module], None]] = None) -> Program:
+    """Run the quantized `model` once on `example_inputs` and return the integer program it executed;
+    `on_module(name, module)` sees every module call (the checker refuses losses and float layers there)."""
     tracer = Tracer(model, march)
     for i, x in enumerate(example_inputs):
         tracer.add_input(x, i)
 
     def enter(module, args):
         tracer.stack.append(tracer.module_names.get(id(module), tracer.module))
+        if on_module is not None:
+            on_module(tracer.module, module)
 
     def leave(module, args, output):
         tracer.stack.pop()
