@@ -16,7 +16,8 @@ from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize
 from hat.quant.fuse import FusedLayer
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
-from hat.quant.qtensor import NamedQuantModule, QTensor, QuantizationError, along_axis, dequantize
+from hat.backend.j5.kernels import along_axis
+from hat.quant.qtensor import NamedQuantModule, QTensor, QuantizationError, dequantize_output
 
 
 class _Named(NamedQuantModule):
@@ -41,7 +42,7 @@ class QATQuantStub(_Named):
 
 class QATDeQuantStub(_Named):
     def forward(self, x):
-        return dequantize(x)
+        return dequantize_output(x, self.hat_name)
 
 
 class QATFloatFunctional(FunctionalMethods, _Named):

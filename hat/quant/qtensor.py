@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from hat.backend.j5 import kernels, trace
 from hat.backend.j5.arith import multiplier_and_shift, round_half_up
-from hat.backend.j5.kernels import along_axis
 from hat.backend.j5.profile import TORCH_DTYPES
 from hat.quant.march import current_profile
 
@@ -204,7 +203,8 @@ def _layout(method: str) -> Callable:
 
     def handler(x: QTensor, *args, **kwargs) -> QTensor:
         listed = lambda a: list(a) if isinstance(a, (tuple, torch.Size)) else a  # noqa: E731  (JSON-friendly)
-        params = {"method": method, "args": [listed(a) for a in args], "kwargs": {k: listed(v) for k, v in kwargs.items()}}
+        params = {"method": method, "args": [listed(a) for a in args],
+                  "kwargs": {k: listed(v) for k, v in kwargs.items()}}
         return x._plain_op()._on_grid("layout", params, lambda d: kernels.layout(d, **params))
 
     return handler
@@ -312,7 +312,7 @@ class NamedQuantModule(torch.nn.Module):
     hat_name = ""
 
     def _qinputs(self, *xs) -> list[QTensor]:
-        return [as_qtensor(x, self.hat_name)._plain_op() for x in xs]
+        return [as_qtensor(x, self.hat_name)._plain_op(self.hat_name) for x in xs]
 
 
 def apply(op: str, inputs: Sequence[Any], params: dict, scale: torch.Tensor, dtype: str, producer: str = "",
@@ -333,16 +333,22 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "
     return apply("quantize", [x], {"scale": scale, "dtype": dtype}, scale, dtype, producer)
 
 
-def dequantize_output(x: Any) -> Any:
-    """What a DeQuantStub does: float from a QTensor (recorded as the program's `dequantize`), else unchanged."""
-    if not isinstance(x, QTensor) or not x.is_quantized:
-        return dequantize(x)
+def dequantize_output(x: Any, stub: str = "") -> Any:
+    """What a DeQuantStub does: float from a QTensor (recorded as the program's `dequantize`), else unchanged.
+    The float result remembers the stub, so a quantized module fed with it can say which stub it was."""
+    if not isinstance(x, QTensor):
+        return x
+    if not x.is_quantized:
+        out = x.dequantize()
+        out.hat_dequantized_by = stub
+        return out
     tracer = trace.active()
     params = {"scale": x.scale, "axis": x.axis}
     with tracer.kernel() if tracer else contextlib.nullcontext():
         out = kernels.dequantize(x.data, **params)
     if tracer:
         tracer.record("dequantize", [x], out, params)
+    out.hat_dequantized_by = stub
     return out
 
 
@@ -351,6 +357,11 @@ def dequantize(x: Any) -> Any:
 
 
 def as_qtensor(x: Any, module: str) -> QTensor:
+    stub = getattr(x, "hat_dequantized_by", None)
+    if stub is not None:
+        raise QuantizationError(f"module '{module}' receives the float output of DeQuantStub '{stub}' (a conv + "
+                                f"dequant + conv structure, FAQ 2.4 Q9): a DeQuantStub belongs at the model output "
+                                f"only; remove it, or put a QuantStub between '{stub}' and '{module}'")
     if not isinstance(x, QTensor):
         raise QuantizationError(f"module '{module}' received a float tensor: its input is not quantized. Put a "
                                 f"QuantStub in front of it (the model input) or give the module before it a qconfig")

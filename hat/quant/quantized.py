@@ -31,7 +31,7 @@ class QuantizedQuantStub(NamedQuantModule):
 
 class QuantizedDeQuantStub(NamedQuantModule):
     def forward(self, x):
-        return dequantize_output(x)
+        return dequantize_output(x, self.hat_name)
 
 
 class _QuantizedWeighted(NamedQuantModule):
@@ -68,7 +68,8 @@ class _QuantizedWeighted(NamedQuantModule):
         """Everything the kernel needs besides the input's integers, resolved against the input's scale."""
         acc_scale = x.scale.double() * self.weight_scale.double()
         params = {"weight": self.weight_int, "bias": self.integer_bias(x.scale), **self.layer_args,
-                  "accumulate": accumulate_dtype(self.weight_int, x.dtype), "relu": self.activation in ("relu", "relu6"),
+                  "accumulate": accumulate_dtype(self.weight_int, x.dtype),
+                  "relu": self.activation in ("relu", "relu6"),
                   "multiplier": None, "shift": None, "acc_max": None, "out_max": None, "out_dtype": self.out_dtype}
         if self.out_scale is None:  # high-precision output: the accumulator itself
             if self.activation == "relu6":

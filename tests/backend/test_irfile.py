@@ -39,8 +39,8 @@ def test_round_trip_keeps_nodes_values_and_tensors(program, tmp_path):
         [(n.op, n.inputs, n.output, n.module) for n in program.nodes]
     assert loaded.values == program.values and loaded.inputs == program.inputs and loaded.outputs == program.outputs
     assert program.tensors.keys() == loaded.tensors.keys()
-    assert all(torch.equal(program.tensors[k], loaded.tensors[k]) and program.tensors[k].dtype == loaded.tensors[k].dtype
-               for k in program.tensors)
+    for k, tensor in program.tensors.items():
+        assert torch.equal(tensor, loaded.tensors[k]) and tensor.dtype == loaded.tensors[k].dtype
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, renamed at the end
 
 

@@ -50,7 +50,7 @@ class EveryOp(nn.Module):
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
         self.conv16 = nn.Conv2d(8, 8, 1)
         self.conv_grid = nn.Conv2d(8, 2, 1)
-        self.add, self.sub, self.mul, self.cat = FloatFunctional(), FloatFunctional(), FloatFunctional(), FloatFunctional()
+        self.add, self.sub, self.mul, self.cat = (FloatFunctional() for _ in range(4))
         self.add_scalar, self.mul_scalar = FloatFunctional(), FloatFunctional()
         self.fc = nn.Linear(8 * 4 * 4, 5)
         self.fc_hp = nn.Linear(8 * 4 * 4, 3)

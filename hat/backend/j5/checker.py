@@ -145,6 +145,12 @@ def _program_findings(program: Program, profile: Profile) -> Iterator[Finding]:
     for node in program.nodes:
         for name in node.inputs:
             consumers.setdefault(name, []).append(node)
+    for name in program.inputs:
+        batch = program.values[name].shape[0]
+        if batch > profile.tensor.max_batch:
+            yield Finding("tensor.batch", "input", f"input {name} has batch {batch}; it exceeds "
+                                                   f"{profile.tensor.max_batch} on {profile.march}: compile with a "
+                                                   f"smaller example batch")
     for name, value in program.values.items():
         if not value.constant:
             yield from _tensor_findings(name, value, _producer(program, name), profile)
@@ -161,9 +167,6 @@ def _producer(program: Program, value: str) -> str:
 def _tensor_findings(name: str, value: Value, module: str, profile: Profile) -> Iterator[Finding]:
     limits = profile.tensor
     shape = value.shape
-    if shape and shape[0] > limits.max_batch:
-        yield Finding("tensor.batch", module, f"batch {shape[0]} exceeds {limits.max_batch} on {profile.march}: "
-                                              f"compile with a smaller example batch")
     too_big = [d for d in shape[1:] if d > limits.max_hwc]
     if too_big:
         yield Finding("tensor.dims", module, f"tensor {name} has shape {shape}; H, W and C must be <= "
