@@ -1,12 +1,16 @@
 """The J5 integer program vs the float and the quantized model (inference, CPU), and compile / save / load costs.
 
-python benchmarks/bench_backend.py [--rounds 10] [--iters 2] [--threads 2] [--compile-runs 5] [--breakdown]
+python benchmarks/bench_backend.py [--rounds 10] [--iters 3] [--threads 2] [--compile-runs 5] [--breakdown]
+                                   [--glibc-default]
 Per model, the same batch through the float model (eval), the quantized model qm(x) and the compiled program
 prog.run(x), under torch.inference_mode, interleaved in rounds (order alternating); medians of per-round times
 and of per-round ratios. Models: convnet_base (1x28x28, batch 256, prepare_qat of its deploy model) and
 torchvision's resnet18(num_classes=10) (3x32x32, batch 64, prepare_qat_fx). Also: backend.compile of ResNet-18,
 its op count, .hir save / load time and file size; prog.run(x) == qm(x) exactly (also after load).
---breakdown times each kernel (hat.backend.j5.kernels.KERNELS) inside prog.run and qm(x).
+--breakdown times each kernel (hat.backend.j5.kernels.KERNELS) inside prog.run and qm(x), and each torch function
+inside the conv2d and linear kernels. Like every hat stage (trainer.keep_freed_memory), the process keeps freed
+memory for reuse; --glibc-default measures with the C library's default (each large tensor a fresh mmap, page-faulted
+in on every call).
 Target: program / float <= 2.
 """
 from __future__ import annotations
@@ -20,9 +24,11 @@ from collections import defaultdict
 
 import torch
 import torchvision
+from torch.overrides import TorchFunctionMode
 
 from hat import backend
 from hat.backend.j5 import kernels
+from hat.engine.runtime import keep_freed_memory
 from hat.models import create_model
 from hat.quant import convert, prepare_qat, prepare_qat_fx, set_fake_quant_state
 
@@ -59,7 +65,7 @@ def timed(fn, x, iters: int) -> float:
 
 
 def compile_costs(qm, x, runs: int):
-    compile_s, save_s, load_s, size, exact = [], [], [], 0, True
+    compile_s, save_s, load_s = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "resnet18.hir")
         for _ in range(runs):
@@ -78,16 +84,38 @@ def compile_costs(qm, x, runs: int):
             "load": statistics.median(load_s), "size": size, "ops": len(prog.nodes), "exact": exact}
 
 
-def breakdown(qm, prog, x, iters: int) -> dict[str, dict[str, float]]:
-    """Seconds per call spent in each kernel op, inside prog.run and qm(x)."""
+class TorchOpTimes(TorchFunctionMode):
+    """ms spent in each torch function (conv2d / linear by input dtype) while active; nested calls not counted twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.spent: dict[str, float] = defaultdict(float)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in ("conv2d", "linear") and args and isinstance(args[0], torch.Tensor):
+            name = f"{name}[{str(args[0].dtype).replace('torch.', '')}]"
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.spent[name] += (time.perf_counter() - t0) * 1e3
+        return out
+
+
+def breakdown(qm, prog, x, iters: int) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """ms per batch in each kernel op inside prog.run and qm(x), and in each torch function inside conv2d + linear."""
     spent: dict[str, float] = defaultdict(float)
     original = dict(kernels.KERNELS)
+    inside = TorchOpTimes()
 
     def timing(op, fn):
         def run(*args, **kwargs):
             t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            spent[op] += time.perf_counter() - t0
+            if op in ("conv2d", "linear"):
+                with inside:
+                    out = fn(*args, **kwargs)
+            else:
+                out = fn(*args, **kwargs)
+            spent[op] += (time.perf_counter() - t0) * 1e3
             return out
         return run
 
@@ -97,10 +125,11 @@ def breakdown(qm, prog, x, iters: int) -> dict[str, dict[str, float]]:
         with torch.inference_mode():
             for label, fn in (("program", prog.run), ("quantized", qm)):
                 fn(x)
-                spent.clear()
-                total = timed(fn, x, iters)
-                result[label] = {op: t / iters for op, t in spent.items()}
-                result[label]["(outside kernels)"] = total - sum(result[label].values())
+                spent.clear(), inside.spent.clear()
+                total = timed(fn, x, iters) * 1e3
+                ops = {op: t / iters for op, t in spent.items()}
+                ops["(outside kernels)"] = total - sum(ops.values())
+                result[label] = ops, {op: t / iters for op, t in inside.spent.items()}
     finally:
         kernels.KERNELS.update(original)
     return result
@@ -109,12 +138,14 @@ def breakdown(qm, prog, x, iters: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile-runs", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true", help="time each kernel inside prog.run and qm(x)")
+    parser.add_argument("--glibc-default", action="store_true", help="don't keep freed memory (see docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.glibc_default and keep_freed_memory()
     built = models()
     kinds = ("float", "quantized", "program")
     times = {name: {k: [] for k in kinds} for name in built}
@@ -129,7 +160,7 @@ def main() -> None:
                         times[name][kind].append(elapsed)
     costs = compile_costs(built["resnet18"][1], built["resnet18"][3], args.compile_runs)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x {args.iters} batches, "
-          f"inference_mode; medians (ratios: median of per-round ratios)")
+          f"inference_mode, keep_freed_memory={kept}; medians (ratios: median of per-round ratios)")
     print("| model | batch | ops | float | quantized | program | program / float | quantized / float | "
           "program == qm |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -144,12 +175,14 @@ def main() -> None:
           f"{costs['size'] / 2 ** 20:.2f} MiB; loaded program == qm: {costs['exact']}")
     print("target: program / float <= 2")
     if args.breakdown:
+        print("\nms per batch in each kernel (share of the run); inside conv2d + linear:")
         for name, (_, qm, prog, x) in built.items():
-            for label, ops in breakdown(qm, prog, x, args.iters * 3).items():
+            for label, (ops, inside) in breakdown(qm, prog, x, args.iters * 3).items():
                 total = sum(ops.values())
-                parts = ", ".join(f"{op} {t * 1e3:.1f} ms ({t / total:.0%})"
-                                  for op, t in sorted(ops.items(), key=lambda kv: -kv[1]))
-                print(f"{name} {label} {total * 1e3:.1f} ms: {parts}")
+                ops, inside = (sorted(d.items(), key=lambda kv: -kv[1]) for d in (ops, inside))
+                print(f"{name} {label} {total:.1f} ms: "
+                      + ", ".join(f"{op} {t:.1f} ({t / total:.0%})" for op, t in ops if t >= .05))
+                print("    in conv2d + linear: " + ", ".join(f"{op} {t:.1f}" for op, t in inside if t >= .05))
     if not all(exact.values()) or not costs["exact"]:
         raise SystemExit("the program is not bit-exact with the quantized model")
 

@@ -56,6 +56,10 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_predict, argv)
 
 
+def check_model_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_check_model, argv)
+
+
 def _train(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("train.py", "Run one stage of a project config (default: the config's `stage`, float).")
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/<stage>/last.pt")
@@ -87,7 +91,8 @@ def _list(kind: str) -> int:
 
 def _predict(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("predict.py", "Evaluate a stage's checkpoint on the config's validation data.")
-    parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt)")
+    parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt; for int_infer the "
+                                       "integer program, work_dir/int_infer/model.hir)")
     args = parser.parse_intermixed_args(argv)
     from hat.checkpoint import load_checkpoint
     from hat.errors import CheckpointError
@@ -100,6 +105,9 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
 
     cfg = _load(args)
     cfg = stage_config(cfg, cfg.stage)
+    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    if cfg.stage == "int_infer":
+        return _predict_program(cfg, args.ckpt, loader)
     path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
     model = prepared_model(cfg) if cfg.stage in ("calibration", "qat") else build_model(cfg)
     try:
@@ -108,7 +116,46 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
         reason = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path} does not fit model '{cfg.model.type}' of this config: {reason}") from None
     device = select_device(cfg.trainer.device)
-    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     metrics = evaluate(model.to(device), loader, device)
     print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _predict_program(cfg, path: Optional[str], loader) -> int:
+    """predict.py --stage int_infer: the integer program file (default work_dir/int_infer/model.hir)."""
+    from hat import backend
+    from hat.engine.int_infer import PROGRAM_FILE, evaluate_program
+
+    path = Path(path or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
+    metrics = evaluate_program(backend.load(path), loader)
+    print(f"int_infer {path}: val/top1 {metrics['val/top1']:.4f}")
+    return 0
+
+
+def _check_model(argv: Optional[Sequence[str]]) -> int:
+    parser = _parser("check_model.py", "Is the project's model deployable? Prints the report; exit 0 if it is, 1 if "
+                                       "not (2: a usage or config error).")
+    parser.add_argument("--ckpt", help="calibration/QAT checkpoint (default: work_dir/qat or calibration best.pt, "
+                                       "else the float weights calibrated on 2 batches)")
+    parser.add_argument("--export", metavar="PATH", help="write the integer program here, even when the check fails "
+                                                         "(like HNN_MODEL_EXPORT=1)")
+    args = parser.parse_intermixed_args(argv)
+    from hat import backend
+    from hat.config import stage_config
+    from hat.data import build_dataset, build_loader
+    from hat.engine.int_infer import model_to_check
+
+    from hat.quant import QuantizationError
+
+    cfg = stage_config(_load(args), "int_infer")
+    try:
+        qmodel, source = model_to_check(cfg, args.ckpt)
+    except QuantizationError as exc:  # the model cannot even run quantized: not deployable, and why
+        print(f"{cfg.model.type}: NOT deployable on {cfg.quant.march}: {exc}")
+        return 1
+    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    report = backend.check_model(qmodel, example_inputs=(next(iter(loader))[0],), march=cfg.quant.march)
+    print(f"{cfg.model.type}, {source}\n{report}")
+    if args.export and report.program is not None:
+        print(f"integer program written to {report.program.save(args.export)}")
+    return 0 if report.deployable else 1

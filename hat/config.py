@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from hat.backend.j5.profile import PROFILES
 from hat.errors import ConfigError
 
 STAGE_ORDER = ("float", "calibration", "qat", "int_infer")
@@ -62,6 +63,8 @@ class QuantSchema:
     calibration_batches: int = 20  # training batches observed by the calibration stage
     freeze_bn_epoch: Optional[int] = None  # QAT epoch from which batch-norm statistics stop updating
     sgd_fallback_lr: float = 0.005  # QAT LR when the float recipe was adaptive/OneCycle and QAT sets no optimizer
+    march: str = "bayes"  # the integer arithmetic and limits int_infer compiles and checks for
+    export_on_check_failure: bool = False  # int_infer writes the program even when the check fails (HNN_MODEL_EXPORT)
 
 
 @dataclasses.dataclass
@@ -140,6 +143,8 @@ _AT_LEAST = {"quant.calibration_batches": 1, "trainer.epochs": 1, "trainer.accum
 def _check_ranges(cfg: DictConfig, source: str) -> None:
     if cfg.stage not in STAGE_ORDER:
         raise ConfigError(f"stage: unknown stage '{cfg.stage}'; choose one of {', '.join(STAGE_ORDER)}")
+    if cfg.quant.march not in PROFILES:
+        raise ConfigError(f"{source}: quant.march: unknown march '{cfg.quant.march}'; known: {', '.join(PROFILES)}")
     unknown = [k for k in (cfg.stages or {}) if k not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"{source}: stages.{unknown[0]}: not a stage; per-stage overrides go under "

@@ -59,7 +59,7 @@ def fake_quant_state(model: nn.Module, state: str, restore: str) -> Iterator[Non
         set_fake_quant_state(model, restore)
 
 
-def _previous_weights(cfg: DictConfig, stage: str) -> Path:
+def previous_weights(cfg: DictConfig, stage: str) -> Path:
     path = Path(cfg.work_dir) / stage / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the {stage} stage first "
@@ -67,35 +67,43 @@ def _previous_weights(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
-def prepared_model(cfg: DictConfig) -> nn.Module:
-    """The zoo model of `cfg`, prepared for QAT with the `quant:` section, fake quant in validation state."""
+def prepared_model(cfg: DictConfig, float_weights: Optional[Path] = None) -> nn.Module:
+    """The zoo model of `cfg` (with `float_weights` loaded), prepared for QAT with the `quant:` section, fake quant
+    in validation state."""
     model = build_model(cfg)
+    if float_weights is not None:
+        model.load_state_dict(load_checkpoint(float_weights, required=("model",))["model"])
     model = prepare_qat(model, qconfig_dict_from_config(cfg, model))
     set_fake_quant_state(model, "validation")
     return model
+
+
+def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:
+    """Observers only (no fake quant, no gradients) over up to `batches` batches; ends in validation state.
+    Returns the number of batches seen."""
+    set_fake_quant_state(model, "calibration")
+    seen = 0
+    with torch.no_grad():
+        for seen, (images, _) in enumerate(loader, start=1):
+            model(images.to(device))
+            if seen == batches:
+                break
+    set_fake_quant_state(model, "validation")
+    return seen
 
 
 @register(kind="stage", name="calibration")
 def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
     """Float weights -> prepare -> observers only (no fake quant, no gradients) over N batches -> evaluate."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    model = build_model(cfg)
-    source = _previous_weights(cfg, "float")
-    model.load_state_dict(load_checkpoint(source, required=("model",))["model"])
-    model = prepare_qat(model, qconfig_dict_from_config(cfg, model))
+    source = previous_weights(cfg, "float")
+    model = prepared_model(cfg, source)
     device = select_device(cfg.trainer.device)
     model.to(device).eval()  # batch norm uses its running statistics, as deployed
     loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed)
-    set_fake_quant_state(model, "calibration")
-    seen = 0
-    with torch.no_grad():
-        for seen, (images, _) in enumerate(loader, start=1):
-            model(images.to(device))
-            if seen == cfg.quant.calibration_batches:
-                break
+    seen = calibrate(model, loader, cfg.quant.calibration_batches, device)
     if seen == 0:
         raise ConfigError(f"calibration saw no data: data.train ({cfg.data.train.type}) is empty")
-    set_fake_quant_state(model, "validation")
     val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     metrics = evaluate(model, val_loader, device)
     log.info("calibrated on %d batches from %s", seen, source)
@@ -110,7 +118,7 @@ def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     model = prepared_model(cfg)
     if not resume:
-        source = _previous_weights(cfg, "calibration")
+        source = previous_weights(cfg, "calibration")
         state = load_checkpoint(source, required=("model",))
         changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
         if changed:

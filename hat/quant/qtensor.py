@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from hat.backend.j5 import kernels, trace
 from hat.backend.j5.arith import multiplier_and_shift, round_half_up
 from hat.backend.j5.profile import TORCH_DTYPES
+from hat.errors import HatError
 from hat.quant.march import current_profile
 
 _HANDLERS: dict[Callable, Callable] = {}
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(HatError, RuntimeError):
     """A model does something quantized arithmetic cannot express; the message says what to change."""
 
 
