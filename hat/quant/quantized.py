@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hat.backend.j5.arith import multiplier_and_shift, round_half_up, saturate
-from hat.backend.j5.kernels import accumulate_dtype, along_axis
+from hat.backend.j5.kernels import accumulate_plan, along_axis
 from hat.quant.march import current_profile
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import NamedQuantModule, QTensor, apply, dequantize_output, quantize
@@ -68,7 +68,7 @@ class _QuantizedWeighted(NamedQuantModule):
         """Everything the kernel needs besides the input's integers, resolved against the input's scale."""
         acc_scale = x.scale.double() * self.weight_scale.double()
         params = {"weight": self.weight_int, "bias": self.integer_bias(x.scale), **self.layer_args,
-                  "accumulate": accumulate_dtype(self.weight_int, x.dtype),
+                  **accumulate_plan(self.weight_int, x.dtype, self.layer_args.get("groups", 1)),
                   "relu": self.activation in ("relu", "relu6"),
                   "multiplier": None, "shift": None, "acc_max": None, "out_max": None, "out_dtype": self.out_dtype}
         if self.out_scale is None:  # high-precision output: the accumulator itself

@@ -102,3 +102,20 @@ def test_program_refuses_inputs_it_was_not_compiled_for(quantized):
         prog.run(torch.zeros(2, 1, 8, 8, dtype=torch.int8))
     with pytest.raises(ProgramInputError, match="takes 1 input"):
         prog.run(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8))
+
+
+def test_wide_convs_accumulate_in_float32_chunks_and_stay_exact():
+    from hat.backend.j5.kernels import accumulate_plan, conv2d
+
+    torch.manual_seed(0)
+    weight = torch.randint(0, 128, (4, 512, 3, 3), dtype=torch.int8)  # same signs: no cancellation
+    plan = accumulate_plan(weight, "qint8")
+    assert plan["accumulate"] == "float32" and plan["splits"] > 1  # one float32 sum could exceed 2^24
+    assert accumulate_plan(weight, "qint16") == {"accumulate": "float64", "splits": 1}
+    x = torch.full((2, 512, 5, 5), -128, dtype=torch.int8)  # the worst case: every product at its largest
+    x[1] = torch.randint(-128, 128, (512, 5, 5), dtype=torch.int8)
+    args = dict(weight=weight, bias=torch.zeros(4, dtype=torch.long), stride=1, padding=1, dilation=1, groups=1,
+                relu=False, multiplier=None, shift=None, acc_max=None, out_max=None, out_dtype="qint32")
+    exact = conv2d(x, accumulate="float64", splits=1, **args)
+    assert torch.equal(conv2d(x, **plan, **args), exact)
+    assert int(exact.abs().max()) > 2 ** 24  # so float32 in one piece would not have been exact

@@ -4,8 +4,9 @@ The quantized modules (hat.quant) call them in forward and the integer program (
 parameters stored in its file, so the two are bit-exact by construction; `KERNELS` is the op set of the IR.
 Runtime inputs are positional; everything fixed at compile time (weights, multipliers, shapes) is a keyword.
 
-Convolutions accumulate in float32 when every partial sum is an integer below 2^24 (exact; `accumulate`, chosen
-at compile time from the weights and the input dtype), else in float64 (exact below 2^53).
+Convolutions accumulate in float32 when every partial sum is an integer below 2^24 (exact), if need be over chunks
+of the input channels added in int64 (`accumulate`, `splits`: chosen from the weights and the input dtype by
+accumulate_plan), else in float64 (exact below 2^53).
 """
 from __future__ import annotations
 
@@ -36,8 +37,17 @@ def accumulator_bound(weight_int: torch.Tensor, input_dtype: str) -> int:
     return int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
 
 
-def accumulate_dtype(weight_int: torch.Tensor, input_dtype: str) -> str:
-    return "float32" if accumulator_bound(weight_int, input_dtype) < FLOAT32_EXACT else "float64"
+def accumulate_plan(weight_int: torch.Tensor, input_dtype: str, groups: int = 1, max_splits: int = 8) -> dict:
+    """How a conv/linear accumulates exactly: {"accumulate": "float32", "splits": k} when splitting the input
+    channels into k chunks (torch.tensor_split) keeps every chunk's partial sums below 2^24, else float64."""
+    qmin, qmax = J5.qrange(input_dtype)
+    per_input = weight_int.reshape(weight_int.shape[0], weight_int.shape[1], -1).abs().sum(2, dtype=torch.int64)
+    splits_allowed = 1 if groups != 1 else min(max_splits, weight_int.shape[1])
+    for splits in range(1, splits_allowed + 1):
+        chunks = torch.tensor_split(per_input, splits, dim=1)
+        if max(int(c.sum(1).max()) if c.numel() else 0 for c in chunks) * max(-qmin, qmax) < FLOAT32_EXACT:
+            return {"accumulate": "float32", "splits": splits}
+    return {"accumulate": "float64", "splits": 1}
 
 
 def requantize(acc: torch.Tensor, multiplier: Any, shift: Any, out_dtype: str, axis: Optional[int] = None):
@@ -63,19 +73,30 @@ def dequantize(q: torch.Tensor, *, scale: torch.Tensor, axis: int = 1) -> torch.
 
 # --- conv / linear -------------------------------------------------------------------------------------------------
 def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, groups: int,
-           accumulate: str, relu: bool, multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-           acc_max: Optional[torch.Tensor], out_max: Optional[int], out_dtype: str) -> torch.Tensor:
-    dtype = _ACCUMULATE[accumulate]
-    acc = F.conv2d(x.to(dtype), weight.to(dtype), None, stride, padding, dilation, groups)
-    return _finish(torch.round(acc).long(), bias, 1, relu, multiplier, shift, acc_max, out_max, out_dtype)
+           accumulate: str, splits: int, relu: bool, multiplier: Optional[torch.Tensor],
+           shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
+           out_dtype: str) -> torch.Tensor:
+    compute = lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups)  # noqa: E731
+    acc = _accumulate(compute, x, weight, 1, accumulate, splits)
+    return _finish(acc, bias, 1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
-def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, accumulate: str, relu: bool,
+def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, accumulate: str, splits: int, relu: bool,
            multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor],
            out_max: Optional[int], out_dtype: str) -> torch.Tensor:
+    acc = _accumulate(F.linear, x, weight, -1, accumulate, splits)
+    return _finish(acc, bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
+
+
+def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, input_axis: int, accumulate: str,
+                splits: int) -> torch.Tensor:
+    """The exact integer sums as int64: one float conv, or `splits` float32 convs over chunks of the input
+    channels (each exact below 2^24) added in int64."""
     dtype = _ACCUMULATE[accumulate]
-    acc = F.linear(x.to(dtype), weight.to(dtype))
-    return _finish(torch.round(acc).long(), bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
+    if splits == 1:
+        return torch.round(compute(x.to(dtype), weight.to(dtype))).long()
+    pairs = zip(torch.tensor_split(x, splits, dim=input_axis), torch.tensor_split(weight, splits, dim=1))
+    return sum(torch.round(compute(xs.to(dtype), ws.to(dtype))).long() for xs, ws in pairs)
 
 
 def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, relu: bool, multiplier: Optional[torch.Tensor],

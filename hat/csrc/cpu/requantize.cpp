@@ -1,5 +1,7 @@
 // CPU J5 requantization: int accumulator x int16 multiplier, rounding right shift, saturation.
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <torch/library.h>
 
 #include "../arith.h"
@@ -18,10 +20,13 @@ at::Tensor requantize(const at::Tensor& acc_in, const at::Tensor& multiplier_in,
     const int64_t* sp = shift.data_ptr<int64_t>();
     AT_DISPATCH_INTEGRAL_TYPES(dtype, "hat::requantize_out", [&] {
       scalar_t* op = out.data_ptr<scalar_t>();
+      const int64_t inner = layout.inner, channels = layout.channels;
       at::parallel_for(0, acc.numel(), 16384, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          int64_t c = (i / layout.inner) % layout.channels;
-          op[i] = static_cast<scalar_t>(requantize_one(ap[i], mp[c], sp[c], qmin, qmax));
+        // one run of `inner` elements shares a channel: its multiplier and shift are loop constants
+        for (int64_t i = begin; i < end;) {
+          const int64_t row = i / inner, c = row % channels, m = mp[c], s = sp[c];
+          const int64_t run_end = std::min(end, (row + 1) * inner);
+          for (; i < run_end; ++i) op[i] = static_cast<scalar_t>(requantize_one(ap[i], m, s, qmin, qmax));
         }
       });
     });
