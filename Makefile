@@ -23,6 +23,7 @@ demo: setup
 	$(DEMO) --stage float
 	$(DEMO) --stage calibration
 	$(DEMO) --stage qat
+	$(DEMO) --stage int_infer
 
 test: setup
 	$(PY) -m pytest -q

@@ -44,7 +44,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
              ("--config", DIGITS, "model.type=resnet81", f"work_dir={tmp_path}"):
                  "error: model.type: unknown model or structure name 'resnet81'. Did you mean 'resnet18'",
              ("--config", DIGITS, "--stage", "int_infer", f"work_dir={tmp_path}"):
-                 "error: stage 'int_infer' is not available in this version of hat; available: float, calibration, qat",
+                 f"error: {tmp_path}/qat/best.pt not found: run the qat stage first",
+             ("--config", DIGITS, "quant.march=nash", f"work_dir={tmp_path}"):
+                 f"error: {DIGITS}: quant.march: unknown march 'nash'; known: bayes",
              ("--config", DIGITS, "--stage", "qat", f"work_dir={tmp_path}"):
                  f"error: {tmp_path}/calibration/best.pt not found: run the calibration stage first",
              ("--config", DIGITS, "work_dir=/proc/hat"): "error: No such file or directory: /proc/hat",
