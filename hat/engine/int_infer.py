@@ -20,11 +20,9 @@ from torch import nn
 
 from hat import backend
 from hat.backend.j5.checker import EXPORT_ENV, ModelCheckError, Report
-from hat.checkpoint import load_checkpoint
 from hat.data import build_dataset, build_loader
-from hat.engine.quant_stages import QUANT_KEYS, calibrate, prepared_model, previous_weights
+from hat.engine.quant_stages import calibrate, load_quantized_weights, prepared_model, previous_weights
 from hat.engine.runtime import seed_everything
-from hat.engine.stages import config_differences
 from hat.errors import ConfigError
 from hat.quant import convert
 from hat.registry import register
@@ -41,12 +39,8 @@ def deploy_part(model: nn.Module) -> nn.Module:
 def quantized_models(cfg: DictConfig, checkpoint: Path) -> tuple[nn.Module, nn.Module]:
     """(QAT deploy model, quantized deploy model) from a calibration or QAT checkpoint of this config."""
     model = prepared_model(cfg)
-    state = load_checkpoint(checkpoint, required=("model",))
-    changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
-    if changed:
-        raise ConfigError(f"the config changed since {checkpoint} was written ({'; '.join(changed)}): convert it "
-                          f"with the config it was trained with, or rerun the stages that wrote it")
-    model.load_state_dict(state["model"])
+    load_quantized_weights(model, cfg, checkpoint, "convert it with the config it was trained with, or rerun the "
+                                                   "stages that wrote it")
     model.eval()
     return deploy_part(model), deploy_part(convert(model))
 

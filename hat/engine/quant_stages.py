@@ -78,6 +78,16 @@ def prepared_model(cfg: DictConfig, float_weights: Optional[Path] = None) -> nn.
     return model
 
 
+def load_quantized_weights(model: nn.Module, cfg: DictConfig, path: Path, fix: str) -> None:
+    """Load a calibration/QAT checkpoint into the prepared `model`, refusing one written with another model or
+    quant config (its ranges and layers would not fit); `fix` tells the user what to do then."""
+    state = load_checkpoint(path, required=("model",))
+    changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
+    if changed:
+        raise ConfigError(f"the config changed since {path} was written ({'; '.join(changed)}): {fix}")
+    model.load_state_dict(state["model"])
+
+
 def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:
     """Observers only (no fake quant, no gradients) over up to `batches` batches; ends in validation state.
     Returns the number of batches seen."""
@@ -118,13 +128,8 @@ def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     model = prepared_model(cfg)
     if not resume:
-        source = previous_weights(cfg, "calibration")
-        state = load_checkpoint(source, required=("model",))
-        changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
-        if changed:
-            raise ConfigError(f"the config changed since calibration ({'; '.join(changed)}): the calibrated "
-                              f"ranges in {source} no longer fit; rerun --stage calibration (with --overwrite)")
-        model.load_state_dict(state["model"])
+        load_quantized_weights(model, cfg, previous_weights(cfg, "calibration"), "the calibrated ranges in it no "
+                               "longer fit; rerun --stage calibration (with --overwrite)")
     cfg = _sgd_fallback(cfg)
     save_config(cfg, out_dir / "config.yaml")  # the recipe QAT really runs with
     set_fake_quant_state(model, "qat")
