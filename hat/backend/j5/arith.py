@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hat import ops
+from hat.backend.j5 import kernels
 from hat.backend.j5.profile import J5, Profile
 from hat.ops import reference
 from hat.ops.reference import shift_right_round  # noqa: F401  (the J5 shift, re-exported with its siblings)
@@ -44,8 +44,7 @@ def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[to
 
 def requantize(acc: torch.Tensor, ratio: torch.Tensor, out_dtype: str, channel_axis: int | None = None,
                profile: Profile = J5) -> torch.Tensor:
-    """int accumulator * ratio -> out_dtype integers (held in int64), via the int16 multiplier and a rounding
-    right shift; per channel along `channel_axis` when `ratio` has one value per channel."""
+    """int accumulator * ratio -> out_dtype integers (held in int64): the ratio as an int16 multiplier and a
+    rounding right shift (multiplier_and_shift), then kernels.requantize, per channel along `channel_axis`."""
     multiplier, shift = multiplier_and_shift(ratio, profile)
-    qmin, qmax = profile.qrange(out_dtype)
-    return ops.requantize(acc, multiplier, shift, channel_axis, qmin, qmax)
+    return kernels.requantize(acc, multiplier, shift, out_dtype, channel_axis).long()
