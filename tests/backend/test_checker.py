@@ -226,3 +226,8 @@ def test_compile_refuses_with_the_report_and_exports_on_request(tmp_path, monkey
     with pytest.raises(ModelCheckError, match="written to .*hnn_model_export.hir"):
         backend.compile(qmodel, (x,))
     assert torch.equal(backend.load(tmp_path / "hnn_model_export.hir").run(x), qmodel(x))
+
+
+def test_checking_leaves_the_model_in_its_mode():
+    qmodel = calibrate_and_convert(Net(nn.Conv2d(3, 4, 3)), [torch.randn(2, 3, 8, 8)]).train()
+    assert backend.check_model(qmodel, (torch.randn(1, 3, 8, 8),)).deployable and qmodel.training

@@ -68,11 +68,14 @@ def check_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], march:
     report = Report(march, list(_module_findings(model)))
     if report.findings:
         return report
+    was_training = model.training
     try:
         report.program = trace(model.eval(), tuple(example_inputs), march, _refuse_float_module)
     except (UntraceableError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
         report.findings.append(Finding("trace", _module_in(exc), _trace_message(exc)))
         return report
+    finally:
+        model.train(was_training)  # the caller's model leaves as it came
     report.findings += list(_program_findings(report.program, profile))
     return report
 
