@@ -144,7 +144,6 @@ def _check_model(argv: Optional[Sequence[str]]) -> int:
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.int_infer import model_to_check
-
     from hat.quant import QuantizationError
 
     cfg = stage_config(_load(args), "int_infer")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from hat import backend
-from hat.backend.j5.checker import EXPORT_ENV, ModelCheckError, Report
+from hat.backend.j5.checker import ModelCheckError, Report, export_requested
 from hat.data import build_dataset, build_loader
 from hat.engine.quant_stages import calibrate, load_quantized_weights, prepared_model, previous_weights
 from hat.engine.runtime import seed_everything
@@ -74,7 +73,7 @@ def check_and_compile(qmodel: nn.Module, example: torch.Tensor, march: str, out_
     report = backend.check_model(qmodel, example_inputs=(example,), march=march)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "check_report.txt").write_text(f"{report}\n")
-    export = export_on_failure or os.environ.get(EXPORT_ENV, "") not in ("", "0")
+    export = export_on_failure or export_requested()
     if report.program is not None and (report.deployable or export):
         path = report.program.save(out_dir / PROGRAM_FILE)
         log.info("integer program (%d ops) written to %s", len(report.program.nodes), path)

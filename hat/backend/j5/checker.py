@@ -88,13 +88,18 @@ def compile_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], marc
     if report.deployable:
         return report.program
     note = ""
-    if os.environ.get(EXPORT_ENV, "") not in ("", "0"):
+    if export_requested():
         if report.program is not None:
             path = report.program.save(os.environ.get(f"{EXPORT_ENV}_PATH", "hnn_model_export.hir"))
             note = f"\n(the program was written to {Path(path).resolve()} for diagnosis: {EXPORT_ENV}=1)"
         else:
             note = f"\n({EXPORT_ENV}=1: no program to write, the model did not trace)"
     raise ModelCheckError(report, note)
+
+
+def export_requested() -> bool:
+    """HNN_MODEL_EXPORT set (and not 0): write the program even when the check fails."""
+    return os.environ.get(EXPORT_ENV, "") not in ("", "0")
 
 
 # --- pass 1: the modules ---------------------------------------------------------------------------------------------
