@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,8 +22,17 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> Optional[str]:
+    """This process's rank under torchrun with several processes (RANK/WORLD_SIZE set by torchrun), else None."""
+    return os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """One log per job: under torchrun rank 0 logs, the other ranks only errors (their warnings repeat rank 0's)."""
+    rank = _rank()
+    tag = f" [rank {rank}]" if rank is not None else ""
+    level = logging.INFO if rank in (None, "0") else logging.ERROR
+    logging.basicConfig(level=level, format=f"%(asctime)s{tag} %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
 def _load(args: argparse.Namespace):
@@ -36,16 +46,31 @@ def _load(args: argparse.Namespace):
 
 
 def _run(main, argv: Optional[Sequence[str]]) -> int:
-    """Run `main`; a user error becomes one `error:` line and exit code 2, never a traceback."""
+    """Run `main`; a user error becomes one `error:` line and exit code 2, never a traceback. Under torchrun the
+    line names the rank, and a rank that lost its peers says so (exit code 1) instead of a gloo/NCCL traceback."""
     _setup_logging()
+    where = f" (rank {_rank()})" if _rank() is not None else ""
     try:
         return main(argv)
     except HatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{where}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable work_dir, a full disk: the user's environment, not a bug
-        print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        print(f"error{where}: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from hat.engine.distributed import peer_failure_message
+
+        message = peer_failure_message(exc)
+        if message is None:
+            raise
+        print(f"error{where}: {message}", file=sys.stderr)
+        return 1
+    finally:
+        if "torch.distributed" in sys.modules:
+            from hat.engine.distributed import shutdown
+
+            shutdown()
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -37,6 +37,8 @@ class TrainerSchema:
     deterministic: bool = True
     on_nonfinite: str = "stop"  # NaN/Inf input, loss or gradient: stop with the likely causes, or skip the step
     keep_freed_memory: bool = True  # Linux: reuse freed pages instead of page-faulting them in every step
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over every rank's batch (CPU and GPU)
+    dist_timeout_s: float = 300.0  # under torchrun: a rank waiting this long for another fails instead of hanging
 
 
 @dataclasses.dataclass
@@ -135,7 +137,7 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     return merged
 
 
-_AT_LEAST = {"quant.calibration_batches": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
+_AT_LEAST = {"quant.calibration_batches": 1, "trainer.dist_timeout_s": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
              "trainer.log_interval": 1, "trainer.eval_interval": 1,
              "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
 

@@ -10,6 +10,7 @@ from typing import Callable, ContextManager, Optional
 from torch.utils.data import DataLoader
 
 from hat.checkpoint import save_checkpoint
+from hat.engine import distributed
 from hat.engine.nonfinite import NonFiniteError, non_finite_message, non_finite_weights
 from hat.engine.trainer import Callback, Trainer, evaluate
 
@@ -30,8 +31,9 @@ class EvalCallback(Callback):
 
     def after_epoch(self, trainer: Trainer) -> None:
         if trainer.epoch % self.interval == 0 or trainer.epoch == trainer.epochs or trainer.should_stop:
-            with self.context():
-                trainer.metrics = evaluate(trainer.model, self.loader, trainer.device)
+            distributed.broadcast_buffers(trainer.bare_model)
+            with self.context():  # the bare model: DDP's forward syncs buffers, and shards may differ in batches
+                trainer.metrics = evaluate(trainer.bare_model, self.loader, trainer.device)
 
 
 class CheckpointCallback(Callback):
@@ -59,16 +61,19 @@ class CheckpointCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """Scalars under `log_dir`: train/loss, train/lr, train/grad_norm, train/images_per_sec and eval metrics."""
+    """Scalars under `log_dir`: train/loss, train/lr, train/grad_norm, train/images_per_sec (all ranks) and eval
+    metrics; `notes` (e.g. how the LR was scaled) as text."""
 
-    def __init__(self, log_dir: str | Path, log_interval: int = 10):
-        self.log_dir, self.log_interval = Path(log_dir), max(1, log_interval)
+    def __init__(self, log_dir: str | Path, log_interval: int = 10, notes: Optional[dict[str, str]] = None):
+        self.log_dir, self.log_interval, self.notes = Path(log_dir), max(1, log_interval), dict(notes or {})
         self.writer = None
 
     def before_train(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.log_dir))
+        for tag, text in self.notes.items():
+            self.writer.add_text(tag, text, trainer.step)
         log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
         self._mark(trainer)
 

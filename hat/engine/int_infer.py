@@ -21,7 +21,6 @@ from hat import backend
 from hat.backend.j5.checker import ModelCheckError, Report, export_requested
 from hat.data import build_dataset, build_loader
 from hat.engine.quant_stages import calibrate, load_quantized_weights, prepared_model, previous_weights
-from hat.engine.runtime import seed_everything
 from hat.errors import ConfigError
 from hat.quant import convert
 from hat.registry import register
@@ -140,7 +139,6 @@ def int_infer_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> di
     """QAT checkpoint -> quantized model -> checked integer program -> evaluated on the validation set."""
     if resume:
         raise ConfigError("int_infer has nothing to resume: run it again with --overwrite")
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     qat_model, qmodel = quantized_models(cfg, previous_weights(cfg, "qat"))
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     example = next(iter(loader))[0]

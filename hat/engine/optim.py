@@ -1,12 +1,14 @@
-"""Optimizers and per-step LR schedules (with linear warmup) that configs can name."""
+"""Optimizers, per-step LR schedules (with linear warmup) that configs can name, and LR scaling with the global
+batch."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from hat.errors import ConfigError
 from hat.registry import register
 
 
@@ -65,3 +67,37 @@ def OneCycleLR(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: i
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                pct_start=pct_start, div_factor=div_factor,
                                                final_div_factor=final_div_factor)
+
+
+LR_SCALING = ("linear", "sqrt", "none")
+SCALING_KEYS = ("base_batch_size", "lr_scaling")  # optimizer keys the engine reads; the rest go to the optimizer
+
+
+def scaled_lr(optimizer_cfg: Mapping, batch_per_device: int, world_size: int, accum_steps: int) -> tuple[float, str]:
+    """FAQ 2.3 Q1: `optimizer.lr` is the LR for `optimizer.base_batch_size` samples per step; more devices or
+    accumulation steps make each step see more, so the LR follows: x (global / base) for `linear`, its square root
+    for `sqrt` (adaptive optimizers), unchanged for `none`. Returns the LR and a line saying how it was reached."""
+    lr, base = optimizer_cfg["lr"], optimizer_cfg.get("base_batch_size")
+    rule = optimizer_cfg.get("lr_scaling") or "linear"
+    if rule not in LR_SCALING:
+        raise ConfigError(f"optimizer.lr_scaling: '{rule}' is not a rule; choose {', '.join(LR_SCALING)}")
+    if base is not None and (not isinstance(base, int) or base < 1):
+        raise ConfigError(f"optimizer.base_batch_size={base!r} must be a positive integer (the batch optimizer.lr "
+                          f"was tuned for), or null")
+    global_batch = batch_per_device * world_size * accum_steps
+    how = f"global batch {global_batch} = {batch_per_device} per device x {world_size} processes x {accum_steps} " \
+          f"accumulation steps"
+    if rule == "none":
+        return lr, f"lr {lr:g} (optimizer.lr_scaling=none; {how})"
+    if base is None:
+        return lr, (f"lr {lr:g} unscaled: optimizer.base_batch_size is not set ({how}); set it to the batch "
+                    f"optimizer.lr was tuned for, so the LR follows the global batch")
+    factor = global_batch / base
+    factor = factor if rule == "linear" else math.sqrt(factor)
+    return lr * factor, (f"lr {lr * factor:g} = optimizer.lr {lr:g} x {factor:g} ({rule} scaling: {how}, "
+                         f"optimizer.base_batch_size {base})")
+
+
+def optimizer_arguments(optimizer_cfg: Mapping, lr: float) -> dict:
+    """The optimizer's own config (`type` + its arguments) with the scaled `lr`, without the engine's keys."""
+    return {**{k: v for k, v in optimizer_cfg.items() if k not in SCALING_KEYS}, "lr": lr}

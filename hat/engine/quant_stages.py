@@ -13,12 +13,13 @@ from torch import nn
 from hat.checkpoint import load_checkpoint, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
-from hat.engine.runtime import seed_everything, select_device
+from hat.engine import distributed
 from hat.engine.stages import RECIPE_KEYS, build_model, build_trainer, config_differences, resume_trainer
 from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
 from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,
                        set_fake_quant_state)
+from hat.quant.observer import synchronized_observers
 from hat.quant.qconfig import QConfig, check_module_name
 from hat.registry import register
 
@@ -105,40 +106,46 @@ def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str
 @register(kind="stage", name="calibration")
 def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
     """Float weights -> prepare -> observers only (no fake quant, no gradients) over N batches -> evaluate."""
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     source = previous_weights(cfg, "float")
     model = prepared_model(cfg, source)
-    device = select_device(cfg.trainer.device)
+    w = distributed.world()
+    device = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     model.to(device).eval()  # batch norm uses its running statistics, as deployed
-    loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed)
-    seen = calibrate(model, loader, cfg.quant.calibration_batches, device)
+    loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed,
+                          num_replicas=w.size, rank=w.rank)
+    with synchronized_observers(model, distributed.active()):  # every rank ends with the global batches' ranges
+        seen = calibrate(model, loader, cfg.quant.calibration_batches, device)
     if seen == 0:
         raise ConfigError(f"calibration saw no data: data.train ({cfg.data.train.type}) is empty")
-    val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed,
+                              num_replicas=w.size, rank=w.rank)
     metrics = evaluate(model, val_loader, device)
-    log.info("calibrated on %d batches from %s", seen, source)
-    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg), "metrics": metrics}
-    save_checkpoint(state, out_dir / "best.pt")
+    log.info("calibrated on %d batches of %d images x %d processes from %s", seen, cfg.data.batch_size, w.size,
+             source)
+    if w.is_main:
+        state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg), "metrics": metrics}
+        save_checkpoint(state, out_dir / "best.pt")
     return metrics
 
 
 @register(kind="stage", name="qat")
 def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
     """Calibrated model -> fake-quant training; the optimizer is built after prepare, from the QAT model."""
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     model = prepared_model(cfg)
     if not resume:
         load_quantized_weights(model, cfg, previous_weights(cfg, "calibration"), "the calibrated ranges in it no "
                                "longer fit; rerun --stage calibration (with --overwrite)")
     cfg = _sgd_fallback(cfg)
-    save_config(cfg, out_dir / "config.yaml")  # the recipe QAT really runs with
+    if distributed.world().is_main:
+        save_config(cfg, out_dir / "config.yaml")  # the recipe QAT really runs with
     set_fake_quant_state(model, "qat")
     trainer = build_trainer(cfg, model, out_dir, lambda: fake_quant_state(model, "validation", restore="qat"))
     if cfg.quant.freeze_bn_epoch is not None:
         trainer.callbacks.insert(0, _FreezeBN(cfg.quant.freeze_bn_epoch))
     if resume:
         resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg, (*RECIPE_KEYS, *QUANT_KEYS))
-    return trainer.fit()
+    with synchronized_observers(model, distributed.active()):  # identical scales on every rank, every step
+        return trainer.fit()
 
 
 class _FreezeBN(Callback):
@@ -160,7 +167,8 @@ def _sgd_fallback(cfg: DictConfig) -> DictConfig:
     replaced = "OneCycleLR" if onecycle else cfg.optimizer.type
     cfg = cfg.copy()
     cfg.optimizer = {"type": "SGD", "lr": cfg.quant.sgd_fallback_lr, "momentum": 0.9,
-                     "weight_decay": cfg.optimizer.get("weight_decay", 0.0)}
+                     "weight_decay": cfg.optimizer.get("weight_decay", 0.0),
+                     "base_batch_size": cfg.optimizer.get("base_batch_size"), "lr_scaling": "linear"}
     cfg.scheduler = {"type": "CosineLR"}
     log.warning("QAT: the float recipe used %s; QAT uses SGD(lr=%g, momentum=0.9) with a cosine schedule instead "
                 "(set stages.qat.optimizer to choose your own)", replaced, cfg.quant.sgd_fallback_lr)

@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 from hat.checkpoint import load_checkpoint, load_pretrained
 from hat.config import STAGE_ORDER, save_config, stage_config
 from hat.data import build_dataset, build_loader
+from hat.engine import distributed
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
-from hat.engine.runtime import keep_freed_memory, seed_everything, select_device
-from hat.engine.trainer import Trainer
+from hat.engine.runtime import keep_freed_memory, seed_everything
+from hat.engine.optim import optimizer_arguments, scaled_lr
+from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
 from hat.models.zoo import report_pretrained
 from hat.registry import build, get, list_registered, register
@@ -32,30 +34,46 @@ log = logging.getLogger("hat")
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "rng")
 
 
+SINGLE_PROCESS_STAGES = ("int_infer",)  # under torchrun, rank 0 runs them and the other ranks return
+
+
 def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str] = None,
               overwrite: bool = False) -> dict[str, float]:
-    """Run one stage: merge its `stages.<name>` overrides, save the merged config, run, save metrics.
+    """Run one stage: merge its `stages.<name>` overrides, save the merged config, seed, run, save metrics.
 
     A stage folder that already holds a run is never overwritten silently: resume it or pass `overwrite`.
+    Under torchrun every rank runs this; rank 0 alone writes into work_dir.
     """
     stage = stage or cfg.stage
     if stage not in list_registered("stage"):
         ready = ", ".join(s for s in STAGE_ORDER if s in list_registered("stage"))
         raise ConfigError(f"stage '{stage}' is not available in this version of hat; available: {ready}")
     cfg = stage_config(cfg, stage)
+    w = distributed.world()
+    if stage in SINGLE_PROCESS_STAGES:
+        if not w.is_main:
+            log.info("stage %s runs on rank 0 alone", stage)
+            return {}
+    else:
+        distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     out_dir = Path(cfg.work_dir) / stage
     previous = [name for name in ("last.pt", "best.pt") if (out_dir / name).exists()]
     if previous and not resume:
         if not overwrite:
             raise ConfigError(f"{out_dir} already holds a run ({previous[0]}); continue it with --resume, replace it "
                               f"with --overwrite, or pick another work_dir=...")
-        shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
-    save_config(cfg, out_dir / "config.yaml")
+        distributed.barrier()  # every rank has seen the old run before rank 0 removes it
+        if w.is_main:
+            shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
+    if w.is_main:
+        save_config(cfg, out_dir / "config.yaml")
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()
+    seed_everything(cfg.seed + w.rank, cfg.trainer.deterministic)  # DDP starts every rank from rank 0's weights
     log.info("stage %s: writing to %s", stage, out_dir)
     metrics = get(stage, kind="stage")(cfg, out_dir, resume)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if w.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("stage %s done: %s", stage, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
 
@@ -69,26 +87,48 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
                   eval_context: Callable[[], ContextManager] = contextlib.nullcontext) -> Trainer:
     """Data, optimizer, schedule and the standard callbacks around `model`: shared by every training stage.
 
-    The optimizer is built here, after the model is final (prepared for QAT), so it holds the right parameters."""
-    device = select_device(cfg.trainer.device)
+    Under torchrun each rank trains on its shard and the model is wrapped in DDP; rank 0 alone writes. The
+    optimizer is built here, after the model is final (prepared for QAT), so it holds the right parameters."""
+    w, t = distributed.world(), cfg.trainer
+    device = distributed.setup(t.device, t.dist_timeout_s)
     model.to(device)
-    train_loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed)
-    val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    train_loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=cfg.seed,
+                                num_replicas=w.size, rank=w.rank)
+    val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed,
+                              num_replicas=w.size, rank=w.rank)
     if cfg.optimizer is None:
         raise ConfigError("optimizer: missing; add `/optimizer: sgd` to the config's defaults or set optimizer.type")
-    check_model_fits_data(cfg, model, val_loader, device)
-    optimizer = build(cfg.optimizer, "optimizer", kind="optimizer", params=model.parameters())
-    t = cfg.trainer
-    callbacks = [EvalCallback(val_loader, t.eval_interval, eval_context),
-                 CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg)),
-                 TensorBoardCallback(out_dir / "tb", t.log_interval),
-                 ProgressCallback(t.progress_bar)]
+    with eval_context():  # QAT: observers frozen, so this check does not move the calibrated ranges
+        check_model_fits_data(cfg, model, val_loader, device)
+    lr, lr_line = scaled_lr(cfg.optimizer, cfg.data.batch_size, w.size, t.accum_steps)
+    _report_lr(cfg, lr, lr_line)
+    optimizer = build(optimizer_arguments(cfg.optimizer, lr), "optimizer", kind="optimizer", params=model.parameters())
+    callbacks: list[Callback] = [EvalCallback(val_loader, t.eval_interval, eval_context)]
+    if w.is_main:
+        callbacks += [CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg)),
+                      TensorBoardCallback(out_dir / "tb", t.log_interval, {"lr": lr_line}),
+                      ProgressCallback(t.progress_bar)]
+    model = distributed.wrap_model(model, device, t.sync_bn)
     trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,
                       t.clip_grad_norm, t.accum_steps, t.amp, t.log_interval, t.on_nonfinite)
     if cfg.scheduler:
         trainer.scheduler = build(cfg.scheduler, "scheduler", kind="scheduler", optimizer=optimizer,
                                   epochs=t.epochs, steps_per_epoch=trainer.steps_per_epoch)
     return trainer
+
+
+def _report_lr(cfg: DictConfig, lr: float, line: str) -> None:
+    """Print how the LR was reached; warn when a larger global batch keeps an unscaled LR, or a scaled-up LR has
+    no warmup."""
+    log.info("LR: %s", line)
+    opt, scheduler = cfg.optimizer, cfg.scheduler or {}
+    grown = distributed.world().size * cfg.trainer.accum_steps > 1
+    if grown and opt.get("base_batch_size") is None and opt.get("lr_scaling") != "none":
+        log.warning("FAQ 2.3 Q1: accuracy drops on more devices when the LR does not follow the global batch; set "
+                    "optimizer.base_batch_size (or optimizer.lr_scaling=none to keep the LR on purpose)")
+    if lr > opt.lr and not scheduler.get("warmup_epochs") and scheduler.get("type") != "OneCycleLR":
+        log.warning("the LR is scaled up x%g with no warmup: large global batches usually need "
+                    "scheduler.warmup_epochs (1-5)", lr / opt.lr)
 
 
 def check_model_fits_data(cfg: DictConfig, model: nn.Module, loader: DataLoader, device: torch.device) -> None:
@@ -148,7 +188,6 @@ def _check_same_recipe(state: dict, current: DictConfig, path: str | Path, keys:
 @register(kind="stage", name="float")
 def float_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
     """Ordinary training from scratch, or from `pretrained` weights."""
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     model = build_model(cfg)
     if cfg.pretrained and not resume:
         report_pretrained(cfg.pretrained, load_pretrained(model, cfg.pretrained))

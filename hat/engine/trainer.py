@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from hat.data import start_epoch
+from hat.engine import distributed
 from hat.engine.nonfinite import NonFiniteError, non_finite_message
 from hat.engine.runtime import rng_state, set_rng_state
 from hat.errors import UsageError
@@ -55,7 +56,8 @@ class Trainer:
         self.epoch = self.step = 0
         self.loss: Optional[torch.Tensor] = None
         self.grad_norm: Optional[float] = None
-        self.images_seen = 0
+        self.images_seen = 0  # over all ranks
+        self.world_size = distributed.world().size
         self.metrics: dict[str, float] = {}
         self.should_stop = False
         self.on_nonfinite, self.skipped_steps = on_nonfinite, 0
@@ -80,18 +82,23 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             group_start = i - i % self.accum_steps
             group = min(self.accum_steps, batches - group_start)  # the last group of an epoch may be short
-            if not math.isfinite(float(images.float().sum())):  # before forward: NaN must not reach BN statistics
-                poisoned = poisoned or "input batch (NaN/Inf in the data)"
+            last_of_group = i + 1 == group_start + group
+            # every rank takes the same branch: one rank skipping its backward would leave the others waiting
+            bad = distributed.ranks_where(not math.isfinite(float(images.float().sum())))
+            if bad:  # before forward: NaN must not reach BN statistics
+                poisoned = poisoned or _on_ranks("input batch (NaN/Inf in the data)", bad)
             else:
-                with self.autocast():
-                    loss, _ = self.model(images, targets)
-                if not math.isfinite(loss.item()):
-                    poisoned = poisoned or "loss"
-                else:
-                    self.scaler.scale(loss / group if group > 1 else loss).backward()
-                    group_loss = group_loss + loss.detach() / group
-            self.images_seen += len(images)
-            if i + 1 == group_start + group:
+                with self._gradient_sync(last_of_group):
+                    with self.autocast():
+                        loss, _ = self.model(images, targets)
+                    bad = distributed.ranks_where(not math.isfinite(loss.item()))
+                    if bad:
+                        poisoned = poisoned or _on_ranks("loss", bad)
+                    else:
+                        self.scaler.scale(loss / group if group > 1 else loss).backward()
+                        group_loss = group_loss + loss.detach() / group
+            self.images_seen += len(images) * self.world_size
+            if last_of_group:
                 if poisoned is None:
                     self.loss = group_loss
                     poisoned = self.optimizer_step()
@@ -101,6 +108,12 @@ class Trainer:
                 else:
                     self._call("after_step")
                 group_loss = 0.0
+
+    def _gradient_sync(self, last_of_group: bool) -> ContextManager:
+        """DDP all-reduces gradients once per optimizer step, at the last micro-batch of an accumulation group."""
+        if last_of_group or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _non_finite(self, what: str) -> None:
         """Stop with the likely causes, or (on_nonfinite=skip) drop this step's gradients and go on."""
@@ -169,6 +182,13 @@ class Trainer:
             getattr(callback, point)(self)
 
 
+def _on_ranks(what: str, ranks: list[int]) -> str:
+    """`what`, naming the ranks it happened on when several processes train."""
+    if distributed.world().size == 1:
+        return what
+    return f"{what} on rank {', '.join(map(str, ranks))}"
+
+
 def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """FAQ 2.3 Q9: an optimizer built before prepare_qat holds the float model's parameters, so nothing trains."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -185,7 +205,8 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean loss and top-1 accuracy (%) of `model(images, targets) -> (loss, logits)` over `loader`."""
+    """Mean loss and top-1 accuracy (%) of `model(images, targets) -> (loss, logits)` over `loader`. A loader
+    sharded over ranks (ShardSampler) has its sums all-reduced: every rank returns the whole set's numbers."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -196,4 +217,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         correct += int((logits.argmax(1) == targets).sum())
         count += len(targets)
     model.train(was_training)
+    if getattr(loader.sampler, "num_replicas", 1) > 1:  # a shard: sum with the other ranks' shards
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
     return {"val/loss": loss_sum / max(1, count), "val/top1": 100.0 * correct / max(1, count)}

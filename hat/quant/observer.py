@@ -5,9 +5,11 @@ per-tensor; an int is per-channel along that axis (weights: 0).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hat.quant.march import current_profile
@@ -26,7 +28,10 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 
 
 class MinMaxObserver(nn.Module):
-    """Running min and max over everything observed."""
+    """Running min and max over everything observed. With `sync_ranks` (see `synchronized_observers`), each
+    batch's range is first reduced over every rank, so all ranks hold the range of the global batch."""
+
+    sync_ranks = False
 
     def __init__(self, dtype: str = "qint8", ch_axis: Optional[int] = None):
         super().__init__()
@@ -41,6 +46,9 @@ class MinMaxObserver(nn.Module):
 
     def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Take in one batch's min and max (shape [1] per tensor, [C] per channel)."""
+        if self.sync_ranks and dist.is_initialized():
+            dist.all_reduce(lo, dist.ReduceOp.MIN)
+            dist.all_reduce(hi, dist.ReduceOp.MAX)
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo, hi
         else:
@@ -97,3 +105,18 @@ class PerChannelMinMaxObserver(MinMaxObserver):
 class MovingAveragePerChannelMinMaxObserver(MovingAverageMinMaxObserver):
     def __init__(self, dtype: str = "qint8", ch_axis: int = 0, averaging_constant: float = 0.01):
         super().__init__(dtype, ch_axis, averaging_constant)
+
+
+@contextlib.contextmanager
+def synchronized_observers(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block, every observer of `model` reduces each batch's range over all ranks of the process group:
+    the ranks end with identical ranges, those of one process seeing all ranks' batches. Every rank must run the
+    same forwards (each observer call is a collective)."""
+    observers = [m for m in model.modules() if isinstance(m, MinMaxObserver)] if enabled else []
+    for observer in observers:
+        observer.sync_ranks = True
+    try:
+        yield model
+    finally:
+        for observer in observers:
+            observer.sync_ranks = False
