@@ -124,7 +124,7 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.runtime import select_device
-    from hat.engine.quant_stages import prepared_model
+    from hat.engine.quant_stages import load_quantized_weights, prepared_model
     from hat.engine.stages import build_model
     from hat.engine.trainer import evaluate
 
@@ -134,9 +134,13 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     if cfg.stage == "int_infer":
         return _predict_program(cfg, args.ckpt, loader)
     path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
-    model = prepared_model(cfg) if cfg.stage in ("calibration", "qat") else build_model(cfg)
+    quantized = cfg.stage in ("calibration", "qat")
+    model = prepared_model(cfg) if quantized else build_model(cfg)
     try:
-        model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
+        if quantized:
+            load_quantized_weights(model, cfg, path, "evaluate it with the config it was trained with")
+        else:
+            model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path} does not fit model '{cfg.model.type}' of this config: {reason}") from None

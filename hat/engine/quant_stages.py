@@ -81,12 +81,14 @@ def prepared_model(cfg: DictConfig, float_weights: Optional[Path] = None) -> nn.
 
 def load_quantized_weights(model: nn.Module, cfg: DictConfig, path: Path, fix: str) -> None:
     """Load a calibration/QAT checkpoint into the prepared `model`, refusing one written with another model or
-    quant config (its ranges and layers would not fit); `fix` tells the user what to do then."""
+    quant config (its ranges and layers would not fit); `fix` tells the user what to do then. Ends in validation
+    state: a QAT checkpoint holds its observers switched on, and evaluating with them on would move the ranges."""
     state = load_checkpoint(path, required=("model",))
     changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
     if changed:
         raise ConfigError(f"the config changed since {path} was written ({'; '.join(changed)}): {fix}")
     model.load_state_dict(state["model"])
+    set_fake_quant_state(model, "validation")
 
 
 def calibrate(model: nn.Module, loader, batches: int, device: torch.device | str = "cpu") -> int:

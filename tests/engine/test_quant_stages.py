@@ -22,7 +22,9 @@ def test_float_calibration_qat_int_infer_keep_float_accuracy(digits_cfg, tmp_pat
     state = torch.load(tmp_path / "qat" / "best.pt", weights_only=True)
     assert "head.2.weight_fake_quant.scale" in state["model"]
     assert predict_main(["--config", str(DIGITS), "--stage", "qat", f"work_dir={tmp_path}"]) == 0
-    assert f"qat {tmp_path}/qat/best.pt: val/loss" in capsys.readouterr().out
+    # the checkpoint holds its observers switched on (QAT state): predict must evaluate it frozen, as training did
+    assert f"qat {tmp_path}/qat/best.pt: val/loss {state['metrics']['val/loss']:.4f}  val/top1 " \
+           f"{state['metrics']['val/top1']:.4f}" in capsys.readouterr().out
 
     integer = run_stage(digits_cfg("stage=int_infer"))  # real digits: the done-when numbers
     assert integer["val/bit_exact_mismatches"] == 0
