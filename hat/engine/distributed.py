@@ -133,6 +133,7 @@ def peer_failure_message(exc: BaseException) -> Optional[str]:
     lost = isinstance(exc, dist.DistError) or any(s in text for s in PEER_FAILURE_SIGNS)
     if not lost:
         return None
-    return (f"lost contact with another process of the job ({text[:200]}). Another rank most likely failed or was "
-            f"killed: its own error, and torchrun's summary naming the failed rank, are above. Nothing more was "
-            f"written; the last checkpoint (last.pt) is intact: fix the cause and continue with --resume")
+    reason = text.split(". ")[0][:300]
+    return (f"lost contact with another process of the job ({reason}). Another rank failed or was killed: torchrun's "
+            f"summary on that rank's machine names it (Root Cause ... rank). The last checkpoint (last.pt) is intact: "
+            f"fix the cause and continue with --resume")

@@ -103,3 +103,20 @@ def test_train_transforms_from_config(digits_cfg):
     torch.manual_seed(0)
     shifted = sum(not torch.equal(dataset[i][0], dataset.images[i]) for i in range(20))
     assert shifted > 10 and dataset[0][0].shape == (1, 8, 8)
+
+
+def test_evaluation_shards_cover_every_image_once(digits_cfg):
+    cfg = digits_cfg()
+    dataset = build_dataset(cfg.data, "val")
+    shards = [list(build_loader(dataset, cfg.data, train=False, seed=0, num_replicas=3, rank=r).sampler)
+              for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(len(dataset)))
+
+
+def test_training_shards_split_the_epoch_permutation(digits_cfg):
+    cfg = digits_cfg()
+    dataset = build_dataset(cfg.data, "train")
+    whole = list(build_loader(dataset, cfg.data, train=True, seed=3).sampler)
+    halves = [list(build_loader(dataset, cfg.data, train=True, seed=3, num_replicas=2, rank=r).sampler)
+              for r in range(2)]
+    assert halves[0] == whole[0::2] and halves[1] == (whole + whole[:1])[1::2]  # odd count: one index repeats

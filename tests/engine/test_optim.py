@@ -1,8 +1,9 @@
-"""LR schedules stepped per optimizer step: warmup, cosine, step milestones, OneCycle peak."""
+"""LR schedules stepped per optimizer step (warmup, cosine, step milestones, OneCycle peak) and LR scaling."""
 import pytest
 import torch
 
-from hat.errors import RegistryError
+from hat.engine.optim import optimizer_arguments, scaled_lr
+from hat.errors import ConfigError, RegistryError
 from hat.registry import build
 
 
@@ -42,3 +43,33 @@ def test_bad_schedule_values_are_config_errors():
         _lrs({"type": "StepLR", "milestones": "abc"})
     with pytest.raises(RegistryError, match="scheduler: OneCycleLR rejected its arguments: .*pct_start"):
         _lrs({"type": "OneCycleLR", "pct_start": 2.0})
+
+
+# LR scaling with the global batch (FAQ 2.3 Q1)
+def _scaled(per_device=64, world=1, accum=1, **optimizer):
+    return scaled_lr({"type": "SGD", "lr": 0.1, **optimizer}, per_device, world, accum)
+
+
+@pytest.mark.parametrize("world,accum,rule,expected", [
+    (1, 1, "linear", 0.1), (4, 1, "linear", 0.4), (2, 2, "linear", 0.4), (4, 1, "sqrt", 0.2), (4, 1, "none", 0.1)])
+def test_lr_follows_the_global_batch(world, accum, rule, expected):
+    lr, line = _scaled(world=world, accum=accum, base_batch_size=64, lr_scaling=rule)
+    assert lr == pytest.approx(expected)
+    assert f"global batch {64 * world * accum} = 64 per device x {world} processes x {accum} accumulation steps" in line
+
+
+def test_lr_without_a_base_batch_is_used_as_given_and_says_so():
+    lr, line = _scaled(world=8)
+    assert lr == 0.1 and "unscaled: optimizer.base_batch_size is not set" in line
+
+
+@pytest.mark.parametrize("bad,message", [({"lr_scaling": "quadratic"}, "optimizer.lr_scaling: 'quadratic'"),
+                                         ({"base_batch_size": 0}, "optimizer.base_batch_size=0 must be a positive")])
+def test_bad_lr_scaling_settings_are_config_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        _scaled(**bad)
+
+
+def test_optimizer_arguments_drop_the_engine_keys():
+    cfg = {"type": "SGD", "lr": 0.1, "base_batch_size": 64, "lr_scaling": "linear", "momentum": 0.8}
+    assert optimizer_arguments(cfg, 0.4) == {"type": "SGD", "lr": 0.4, "momentum": 0.8}
