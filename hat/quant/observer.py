@@ -46,9 +46,10 @@ class MinMaxObserver(nn.Module):
 
     def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Take in one batch's min and max (shape [1] per tensor, [C] per channel)."""
-        if self.sync_ranks and dist.is_initialized():
-            dist.all_reduce(lo, dist.ReduceOp.MIN)
-            dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if self.sync_ranks and dist.is_initialized():  # one collective: max(hi) = -min(-hi), exactly
+            both = torch.cat([lo, -hi])
+            dist.all_reduce(both, dist.ReduceOp.MIN)
+            lo, hi = both[:len(lo)], -both[len(lo):]
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo, hi
         else:
@@ -109,10 +110,14 @@ class MovingAveragePerChannelMinMaxObserver(MovingAverageMinMaxObserver):
 
 @contextlib.contextmanager
 def synchronized_observers(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Within the block, every observer of `model` reduces each batch's range over all ranks of the process group:
-    the ranks end with identical ranges, those of one process seeing all ranks' batches. Every rank must run the
-    same forwards (each observer call is a collective)."""
-    observers = [m for m in model.modules() if isinstance(m, MinMaxObserver)] if enabled else []
+    """Within the block, every activation observer of `model` reduces each batch's range over all ranks of the
+    process group: the ranks end with identical ranges, those of one process seeing all ranks' batches. Every rank
+    must run the same forwards (each observer call is a collective). Weight observers are left alone: every rank
+    holds the same weights."""
+    weights = {id(m) for owner in model.modules() if isinstance(getattr(owner, "weight_fake_quant", None), nn.Module)
+               for m in owner.weight_fake_quant.modules()}
+    observers = [m for m in model.modules() if isinstance(m, MinMaxObserver) and id(m) not in weights]
+    observers = observers if enabled else []
     for observer in observers:
         observer.sync_ranks = True
     try:

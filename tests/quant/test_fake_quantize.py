@@ -3,6 +3,9 @@ import math
 import pytest
 import torch
 
+from hat import quant
+from hat.models import create_model
+from hat.quant.observer import synchronized_observers
 from hat.quant import (FakeQuantize, LSQFakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
                        MovingAveragePerChannelMinMaxObserver, PACTFakeQuantize, set_fake_quant_state)
 
@@ -187,3 +190,13 @@ def test_lsq_scale_gradient_stays_finite_when_a_bn_factor_is_zero():
     fq.observer_enabled.fill_(0)
     fq.forward_folded(torch.randn(4, 2, 3, 3), torch.tensor([0.5, 0.0, 2.0, 1.0])).sum().backward()
     assert torch.isfinite(fq.scale.grad).all() and fq.scale.grad[1] == 0
+
+
+def test_synchronized_observers_are_the_activation_observers_only_and_only_inside_the_block():
+    model = quant.prepare_qat(create_model("convnet_small"), {"": quant.get_default_qat_qconfig(),
+                                                             "module_name": [("loss", None)]})
+    with synchronized_observers(model):
+        synced = {name for name, m in model.named_modules() if isinstance(m, MinMaxObserver) and m.sync_ranks}
+    assert synced and not any("weight_fake_quant" in name for name in synced)
+    assert "quant.activation_post_process.activation_post_process" in synced
+    assert not any(m.sync_ranks for m in model.modules() if isinstance(m, MinMaxObserver))
