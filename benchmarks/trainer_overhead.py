@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hat.config import load_config  # noqa: E402
 from hat.data import build_dataset, build_loader, start_epoch  # noqa: E402
 from hat.engine.callbacks import ProgressCallback, TensorBoardCallback  # noqa: E402
+from hat.engine.optim import build_optimizer  # noqa: E402
 from hat.engine.stages import build_model  # noqa: E402
 from hat.engine.trainer import Trainer  # noqa: E402
 from hat.registry import build  # noqa: E402
@@ -30,7 +31,7 @@ def setup(model_name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(cfg)
     loader = build_loader(build_dataset(cfg.data, "train"), cfg.data, train=True, seed=seed)
-    optimizer = build(cfg.optimizer, kind="optimizer", params=model.parameters())
+    optimizer, _ = build_optimizer(cfg, model.parameters())
     scheduler = build(cfg.scheduler, kind="scheduler", optimizer=optimizer, epochs=100, steps_per_epoch=len(loader))
     return cfg, model, loader, optimizer, scheduler
 

@@ -9,7 +9,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from hat.errors import ConfigError
-from hat.registry import register
+from hat.registry import build, register
 
 
 @register(kind="optimizer")
@@ -101,3 +101,10 @@ def scaled_lr(optimizer_cfg: Mapping, batch_per_device: int, world_size: int, ac
 def optimizer_arguments(optimizer_cfg: Mapping, lr: float) -> dict:
     """The optimizer's own config (`type` + its arguments) with the scaled `lr`, without the engine's keys."""
     return {**{k: v for k, v in optimizer_cfg.items() if k not in SCALING_KEYS}, "lr": lr}
+
+
+def build_optimizer(cfg: Mapping, params: Iterable, world_size: int = 1) -> tuple[torch.optim.Optimizer, str]:
+    """The `optimizer:` section of a whole config built over `params`, its LR scaled to the global batch of
+    `world_size` processes (data.batch_size each, trainer.accum_steps); also returns how the LR was reached."""
+    lr, line = scaled_lr(cfg["optimizer"], cfg["data"]["batch_size"], world_size, cfg["trainer"]["accum_steps"])
+    return build(optimizer_arguments(cfg["optimizer"], lr), "optimizer", kind="optimizer", params=params), line

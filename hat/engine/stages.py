@@ -24,7 +24,7 @@ from hat.data import build_dataset, build_loader
 from hat.engine import distributed
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
 from hat.engine.runtime import keep_freed_memory, seed_everything
-from hat.engine.optim import optimizer_arguments, scaled_lr
+from hat.engine.optim import build_optimizer
 from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
 from hat.models.zoo import report_pretrained
@@ -100,9 +100,8 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
         raise ConfigError("optimizer: missing; add `/optimizer: sgd` to the config's defaults or set optimizer.type")
     with eval_context():  # QAT: observers frozen, so this check does not move the calibrated ranges
         check_model_fits_data(cfg, model, val_loader, device)
-    lr, lr_line = scaled_lr(cfg.optimizer, cfg.data.batch_size, w.size, t.accum_steps)
-    _report_lr(cfg, lr, lr_line)
-    optimizer = build(optimizer_arguments(cfg.optimizer, lr), "optimizer", kind="optimizer", params=model.parameters())
+    optimizer, lr_line = build_optimizer(cfg, model.parameters(), w.size)
+    _report_lr(cfg, optimizer.param_groups[0]["lr"], lr_line)
     callbacks: list[Callback] = [EvalCallback(val_loader, t.eval_interval, eval_context)]
     if w.is_main:
         callbacks += [CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg)),
