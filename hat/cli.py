@@ -85,6 +85,24 @@ def check_model_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_check_model, argv)
 
 
+def check_env_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_check_env, argv)
+
+
+def _check_env(argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="check_env.py", description="Can this environment train with HAT? "
+                                     "Prints one line per check; exit 0 if all pass, 1 if not (with what to do).")
+    parser.add_argument("--require-gpu", action="store_true", help="no usable GPU is a failure")
+    args = parser.parse_args(argv)
+    from hat.env_check import run_checks
+
+    checks = run_checks(args.require_gpu)
+    print("\n".join(map(str, checks)))
+    failed = [c.name for c in checks if not c.ok]
+    print(f"\n{'NOT ready: ' + ', '.join(failed) if failed else 'ready'}")
+    return 1 if failed else 0
+
+
 def _train(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("train.py", "Run one stage of a project config (default: the config's `stage`, float).")
     parser.add_argument("--resume", action="store_true", help="continue from work_dir/<stage>/last.pt")
