@@ -85,6 +85,10 @@ def check_model_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_check_model, argv)
 
 
+def export_onnx_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_export_onnx, argv)
+
+
 def check_env_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_check_env, argv)
 
@@ -205,3 +209,36 @@ def _check_model(argv: Optional[Sequence[str]]) -> int:
     if args.export and report.program is not None:
         print(f"integer program written to {report.program.save(args.export)}")
     return 0 if report.deployable else 1
+
+
+def _export_onnx(argv: Optional[Sequence[str]]) -> int:
+    parser = _parser("export_onnx.py", "Export a stage's model to ONNX (FAQ 2.3 Q3): float, qat (fake quant as "
+                                       "QuantizeLinear/DequantizeLinear) or int_infer (the quantized model, QDQ form).")
+    parser.add_argument("--ckpt", help="checkpoint (default: work_dir/<stage>/best.pt; int_infer: the QAT one)")
+    parser.add_argument("--out", help="ONNX file to write (default: work_dir/<stage>/model.onnx)")
+    args = parser.parse_intermixed_args(argv)
+    from hat.checkpoint import load_checkpoint
+    from hat.config import stage_config
+    from hat.data import build_dataset, build_loader
+    from hat.engine.int_infer import deploy_part, quantized_models
+    from hat.engine.stages import build_model
+    from hat.quant.onnx_helper import export_quantized_onnx, export_to_onnx
+
+    cfg = _load(args)
+    stage = cfg.stage
+    cfg = stage_config(cfg, stage)
+    source = "qat" if stage == "int_infer" else stage
+    ckpt = Path(args.ckpt or Path(cfg.work_dir) / source / "best.pt")
+    out = Path(args.out or Path(cfg.work_dir) / stage / "model.onnx")
+    loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    example = next(iter(loader))[0][:1]
+    if stage == "float":
+        model = build_model(cfg)
+        model.load_state_dict(load_checkpoint(ckpt, required=("model",))["model"])
+        path = export_to_onnx(deploy_part(model).eval(), example, out)
+    elif stage in ("calibration", "qat"):
+        path = export_to_onnx(quantized_models(cfg, ckpt)[0], example, out)
+    else:
+        path = export_quantized_onnx(quantized_models(cfg, ckpt)[1], example, out, march=cfg.quant.march)
+    print(f"{stage} model from {ckpt} written to {path}")
+    return 0

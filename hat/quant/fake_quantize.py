@@ -6,8 +6,10 @@ set together by `set_fake_quant_state`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
-from typing import Optional, Type
+from typing import Iterator, Optional, Type
 
 import torch
 from torch import nn
@@ -48,10 +50,13 @@ class FakeQuantize(nn.Module):
     def qscheme(self) -> str:
         return "torch.per_tensor_symmetric" if self.ch_axis is None else "torch.per_channel_symmetric"
 
+    frozen_state: Optional[tuple[bool, bool]] = None  # set by `frozen_for_export`
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled.item():
+        observe, quantize = self.frozen_state or (self.observer_enabled.item(), self.fake_quant_enabled.item())
+        if observe:
             self.observe(x)
-        if not self.fake_quant_enabled.item():
+        if not quantize:
             return x
         return self.fake_quant(x)
 
@@ -197,3 +202,24 @@ def set_fake_quant_state(model: nn.Module, state: str) -> None:
             learned = isinstance(module, (LSQFakeQuantize, PACTFakeQuantize))
             module.fake_quant_enabled.fill_(fake_quant)
             module.observer_enabled.fill_(observe if observe is not None else int(not learned))
+
+
+@contextlib.contextmanager
+def frozen_for_export(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in validation state with each fake quant's on/off flags read once into Python constants, so that
+    torch.export can trace it (a graph cannot branch on a buffer's value); eval mode. Restores both afterwards."""
+    modules = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in modules]
+    was_training = model.training
+    set_fake_quant_state(model, "validation")
+    model.eval()
+    for m in modules:
+        m.frozen_state = (bool(m.observer_enabled.item()), bool(m.fake_quant_enabled.item()))
+    try:
+        yield model
+    finally:
+        for m, (fake_quant, observe) in zip(modules, saved):
+            m.frozen_state = None
+            m.fake_quant_enabled.copy_(fake_quant)
+            m.observer_enabled.copy_(observe)
+        model.train(was_training)

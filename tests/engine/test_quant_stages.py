@@ -5,7 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hat.cli import check_model_main, predict_main
+from hat.cli import check_model_main, export_onnx_main, predict_main
+from hat.data import build_dataset, build_loader
 from hat.engine.quant_stages import prepared_model
 from hat.engine.stages import run_stage
 from hat.errors import CheckpointError, ConfigError
@@ -39,6 +40,17 @@ def test_float_calibration_qat_int_infer_keep_float_accuracy(digits_cfg, tmp_pat
     assert f"int_infer {tmp_path}/int_infer/model.hir: val/top1 {integer['val/top1']:.4f}" in capsys.readouterr().out
     assert check_model_main(["--config", str(DIGITS), f"work_dir={tmp_path}"]) == 0
     assert f"weights from {tmp_path}/qat/best.pt\ndeployable on bayes" in capsys.readouterr().out
+
+    # FAQ 2.3 Q3: tools/export_onnx.py for each model kind; onnxruntime keeps the accuracy
+    ort = pytest.importorskip("onnxruntime")
+    images, labels = (torch.cat(t) for t in zip(*build_loader(build_dataset(digits_cfg().data, "val"),
+                                                                digits_cfg().data, train=False, seed=0)))
+    accuracy = {"float": float_metrics["val/top1"], "qat": qat["val/top1"], "int_infer": integer["val/top1"]}
+    for stage, expected in accuracy.items():
+        assert export_onnx_main(["--config", str(DIGITS), "--stage", stage, f"work_dir={tmp_path}"]) == 0
+        session = ort.InferenceSession(str(tmp_path / stage / "model.onnx"))
+        logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+        assert abs(100.0 * float((torch.from_numpy(logits).argmax(1) == labels).float().mean()) - expected) < 0.6
 
 
 def test_qat_falls_back_to_sgd_after_an_adaptive_float_recipe(digits_cfg, tmp_path, caplog):
