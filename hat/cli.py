@@ -85,6 +85,10 @@ def check_model_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_check_model, argv)
 
 
+def zoo_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_zoo, argv)
+
+
 def export_onnx_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_export_onnx, argv)
 
@@ -241,4 +245,44 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
     else:
         path = export_quantized_onnx(quantized_models(cfg, ckpt)[1], example, out, march=cfg.quant.march)
     print(f"{stage} model from {ckpt} written to {path}")
+    return 0
+
+
+def _zoo(argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="zoo.py", description="The local model zoo ($HAT_HOME/zoo): finished "
+                                     "projects' float weights, reusable with create_model(NAME, pretrained=True) "
+                                     "or the config key pretrained: zoo:NAME.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("register", help="add a project's float/best.pt under a name")
+    add.add_argument("--config", required=True)
+    add.add_argument("--name", help="entry name (default: the project folder and the model, e.g. digits_convnet_small)")
+    add.add_argument("--overwrite", action="store_true")
+    add.add_argument("overrides", nargs="*")
+    commands.add_parser("list", help="the entries, with their metrics")
+    drop = commands.add_parser("remove", help="delete an entry and its weights")
+    drop.add_argument("name")
+    args = parser.parse_args(argv)
+    from hat.models import zoo_index
+
+    if args.command == "list":
+        index = zoo_index.read_index()
+        print(f"{zoo_index.zoo_dir()}: {len(index)} entries")
+        for name, item in sorted(index.items()):
+            metrics = "  ".join(f"{k} {v:.4g}" for k, v in item.get("metrics", {}).items())
+            print(f"  {name:28s} {item['model'].get('type', '?'):16s} {metrics}  sha256 {item['sha256'][:12]}")
+        return 0
+    if args.command == "remove":
+        zoo_index.remove(args.name)
+        print(f"removed {args.name}")
+        return 0
+    from omegaconf import OmegaConf
+
+    args.stage = None
+    cfg = _load(args)
+    checkpoint = Path(cfg.work_dir) / "float" / "best.pt"
+    name = args.name or f"{Path(args.config).resolve().parent.name}_{cfg.model.type}"
+    state_metrics = zoo_index.load_checkpoint(checkpoint, required=("model",)).get("metrics") or {}
+    item = zoo_index.register_checkpoint(name, checkpoint, OmegaConf.to_container(cfg.model, resolve=True),
+                                         dict(state_metrics), OmegaConf.to_yaml(cfg), args.overwrite)
+    print(f"registered {name} ({cfg.model.type}, {checkpoint}) in {zoo_index.zoo_dir()}, sha256 {item['sha256']}")
     return 0

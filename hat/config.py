@@ -82,7 +82,7 @@ class Schema:
     work_dir: str = "work_dirs/default"
     seed: int = 0
     stage: str = "float"
-    pretrained: Optional[str] = None  # checkpoint whose weights start the float stage
+    pretrained: Any = None  # checkpoint path, zoo:NAME or true (the zoo entry named like model.type): float start
     stages: Any = dataclasses.field(default_factory=dict)  # per-stage overrides: stages.qat.optimizer...
 
 

@@ -28,6 +28,7 @@ from hat.engine.optim import build_optimizer
 from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
 from hat.models.zoo import report_pretrained
+from hat.models.zoo_index import pretrained_path
 from hat.registry import build, get, list_registered, register
 
 log = logging.getLogger("hat")
@@ -188,8 +189,9 @@ def _check_same_recipe(state: dict, current: DictConfig, path: str | Path, keys:
 def float_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str, float]:
     """Ordinary training from scratch, or from `pretrained` weights."""
     model = build_model(cfg)
-    if cfg.pretrained and not resume:
-        report_pretrained(cfg.pretrained, load_pretrained(model, cfg.pretrained))
+    pretrained = pretrained_path(cfg.pretrained, cfg.model.type)
+    if pretrained and not resume:
+        report_pretrained(pretrained, load_pretrained(model, pretrained))
     trainer = build_trainer(cfg, model, out_dir)
     if resume:
         resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg)

@@ -1,13 +1,14 @@
-"""The model zoo's public face: `create_model(name, **kwargs)` and `list_models()`."""
+"""The model zoo's public face: `create_model(name, pretrained=..., **kwargs)` and `list_models()`."""
 from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
 from hat.checkpoint import load_pretrained
+from hat.models.zoo_index import pretrained_path, read_index
 from hat.registry import get, list_registered
 
 log = logging.getLogger("hat")
@@ -18,11 +19,18 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in list_registered("model") if fnmatch.fnmatch(n, pattern)]
 
 
-def create_model(name: str, pretrained: Optional[str] = None, **kwargs: Any) -> nn.Module:
-    """Build zoo model `name`; `pretrained` is a checkpoint path whose matching weights are loaded and reported."""
-    model = get(name, kind="model", where="model.type")(**kwargs)
-    if pretrained:
-        report_pretrained(pretrained, load_pretrained(model, pretrained))
+def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
+    """Build zoo model `name`: a registered model, or an entry of the local zoo index (its model config; `kwargs`
+    override it). `pretrained`: a checkpoint path, `zoo:NAME`, or True for the zoo entry `name` (sha256-verified);
+    matching weights are loaded and what did not match is reported."""
+    if name not in list_registered("model") and name in read_index():
+        config = {**read_index()[name]["model"], **kwargs}
+        model = get(config.pop("type"), kind="model", where=f"zoo entry '{name}' model.type")(**config)
+    else:
+        model = get(name, kind="model", where="model.type")(**kwargs)
+    path = pretrained_path(pretrained, name)
+    if path:
+        report_pretrained(path, load_pretrained(model, path))
     return model
 
 

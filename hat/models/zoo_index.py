@@ -1,0 +1,119 @@
+"""The local zoo index: finished projects' weights, reusable by name (`create_model(name, pretrained=True)`).
+
+Everything lives under `$HAT_HOME/zoo/` (default ~/.cache/hat/zoo): `index.json` (name -> model config, checkpoint
+file, sha256, metrics, the project's config) and one `<name>.pt` per entry. Nothing downloads: an entry comes from
+`tools/zoo.py register` (a finished project) or from a copied HAT_HOME; every read verifies the sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from hat.checkpoint import load_checkpoint, save_checkpoint
+from hat.errors import CheckpointError, ConfigError
+
+INDEX_FILE = "index.json"
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("HAT_HOME") or Path.home() / ".cache" / "hat") / "zoo"
+
+
+def read_index() -> dict[str, dict[str, Any]]:
+    path = zoo_dir() / INDEX_FILE
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"zoo index {path} is not valid JSON ({exc}); restore it or remove it and register "
+                              f"the projects again") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"zoo index {path} holds a {type(index).__name__}, not a mapping of names to entries")
+    return index
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry(name: str) -> dict[str, Any]:
+    """The index entry `name`; a clear error listing the entries (and how to add one) when it is absent."""
+    index = read_index()
+    if name not in index:
+        known = ", ".join(sorted(index)) or "none"
+        raise ConfigError(f"no pretrained weights named '{name}' in the local zoo {zoo_dir() / INDEX_FILE} (entries: "
+                          f"{known}). Register a finished project with `python tools/zoo.py register --config "
+                          f"PROJECT.yaml --name {name}`, or set HAT_HOME to a folder holding a zoo; nothing downloads")
+    return index[name]
+
+
+def verified_checkpoint(name: str) -> Path:
+    """The checkpoint file of entry `name`, after checking its sha256 against the index."""
+    item = entry(name)
+    path = zoo_dir() / item["checkpoint"]
+    if not path.is_file():
+        raise CheckpointError(f"zoo entry '{name}': {path} is missing; register the project again")
+    actual = sha256(path)
+    if actual != item["sha256"]:
+        raise CheckpointError(f"zoo entry '{name}': {path} has sha256 {actual[:16]}..., the index says "
+                              f"{item['sha256'][:16]}...: the file was changed or damaged; register the project again")
+    return path
+
+
+def register_checkpoint(name: str, checkpoint: Path, model_cfg: dict, metrics: dict[str, float],
+                        config_yaml: str = "", overwrite: bool = False) -> dict[str, Any]:
+    """Copy `checkpoint` (its model weights only) into the zoo as entry `name` and index it with its sha256."""
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"zoo name '{name}': use letters, digits, '_' and '-' only")
+    index = read_index()
+    if name in index and not overwrite:
+        raise ConfigError(f"zoo entry '{name}' exists (from {index[name].get('source', '?')}); pass --overwrite to "
+                          f"replace it or choose another --name")
+    state = load_checkpoint(checkpoint, required=("model",))
+    folder = zoo_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.pt"
+    save_checkpoint({"model": state["model"], "config": config_yaml}, target)
+    item = {"model": model_cfg, "checkpoint": target.name, "sha256": sha256(target), "metrics": metrics,
+            "source": str(checkpoint), "config": config_yaml}
+    _write_index({**index, name: item})
+    return item
+
+
+def _write_index(index: dict) -> None:
+    folder = zoo_dir()
+    fd, tmp = tempfile.mkstemp(prefix=".index.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f, indent=2)
+    os.replace(tmp, folder / INDEX_FILE)
+
+
+def remove(name: str) -> None:
+    entry(name)
+    index = read_index()
+    (zoo_dir() / index.pop(name)["checkpoint"]).unlink(missing_ok=True)
+    _write_index(index)
+
+
+def pretrained_path(value: Any, model_name: Optional[str] = None) -> Optional[str]:
+    """A `pretrained` setting as a checkpoint path: a path as given, `zoo:NAME` or True (the entry named like the
+    model) as the verified zoo checkpoint, None/False as None."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        if not model_name:
+            raise ConfigError("pretrained=True needs a model name to look up in the zoo")
+        return str(verified_checkpoint(model_name))
+    if isinstance(value, str) and value.startswith("zoo:"):
+        return str(verified_checkpoint(value[4:]))
+    return str(value)
+
