@@ -35,18 +35,26 @@ def call_float_functional(module: FloatFunctional, method: str, *args):
 def prepare_qat_fx(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
                    example_inputs: Sequence[torch.Tensor] = ()) -> fx.GraphModule:
     """The QAT GraphModule of a plain torch model; `example_inputs` (a tuple) tells tensors from other values."""
+    return prepare_qat(quant_friendly(model, example_inputs), qconfig_dict, inplace=True)
+
+
+def quant_friendly(model: nn.Module, example_inputs: Sequence[torch.Tensor], stubs: bool = True) -> fx.GraphModule:
+    """A copy of a plain torch model as a GraphModule that the eager prepare_qat takes: (QuantStub/DeQuantStub at
+    the inputs and outputs when `stubs`), conv/linear + bn (+ relu) grouped, tensor arithmetic through
+    FloatFunctional. It computes what the model computes; its parameters and buffers are the model's."""
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise ValueError("prepare_qat_fx needs example_inputs=(x,) (a tuple of the forward's arguments) to tell "
                          "tensor arithmetic from shape arithmetic")
     gm = _trace(copy_model(model).eval())
     ShapeProp(gm).propagate(*example_inputs)
-    _add_stubs(gm)
+    if stubs:
+        _add_stubs(gm)
     _fuse(gm)
     _rewrite_tensor_arithmetic(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return prepare_qat(gm.train(model.training), qconfig_dict, inplace=True)
+    return gm.train(model.training)
 
 
 def convert_fx(model: fx.GraphModule) -> fx.GraphModule:

@@ -44,7 +44,7 @@ def test_a_damaged_zoo_file_is_refused(project):
 
 
 def test_an_unknown_entry_lists_what_there_is_and_how_to_add_one(project):
-    with pytest.raises(ConfigError, match="no pretrained weights named 'resnet18' in the local zoo .* \(entries: none\)"
+    with pytest.raises(ConfigError, match=r"no pretrained weights named 'resnet18' in the local zoo .* \(entries: none\)"
                                           r".*tools/zoo.py register"):
         create_model("resnet18", pretrained=True)
 
