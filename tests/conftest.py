@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real project configs, with fast settings and a temporary work_dir."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,15 @@ def digits_cfg(tmp_path):
         return load_config(DIGITS, [f"work_dir={tmp_path}", "trainer.progress_bar=false", *overrides])
 
     return make
+
+
+def zoo_model(name: str, num_classes: int = 7, size: int = 16):
+    """Zoo model `name` for small test images: 1 channel for the convnets (digits-like), else 3, with the
+    model's own small-image options (ResNet's CIFAR stem, the size a torchvision graph is traced at)."""
+    from hat.models import create_model
+    from hat.registry import get
+
+    accepts = inspect.signature(get(name, kind="model")).parameters
+    extra = {key: value for key, value in (("cifar_stem", True), ("image_size", size)) if key in accepts}
+    channels = 1 if "convnet" in name else 3
+    return create_model(name, num_classes=num_classes, in_channels=channels, **extra), (channels, size, size)

@@ -10,6 +10,7 @@ from hat.backend import ProgramInputError
 from hat.models import create_model, list_models
 from hat.quant import DeQuantStub, FloatFunctional, QuantStub
 from hat.quant.functional import grid_sample
+from tests.conftest import zoo_model
 
 
 def _assert_bit_exact(qmodel, prog, *inputs):
@@ -20,9 +21,7 @@ def _assert_bit_exact(qmodel, prog, *inputs):
 @pytest.mark.parametrize("name", list_models())
 def test_every_zoo_model_compiles_to_a_bit_exact_program(name, quantized, tmp_path):
     torch.manual_seed(0)
-    small = "convnet" in name
-    shape = (1, 16, 16) if small else (3, 16, 16)
-    model = create_model(name, num_classes=7, in_channels=shape[0], **({} if small else {"cifar_stem": True}))
+    model, shape = zoo_model(name)
     qmodel = quantized(model.deploy_model(), [torch.randn(8, *shape) for _ in range(2)])
     prog = backend.compile(qmodel, example_inputs=(torch.randn(4, *shape),))
     loaded = backend.load(prog.save(tmp_path / "model.hir"))

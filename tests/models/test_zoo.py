@@ -1,19 +1,15 @@
-import inspect
-
 import pytest
 import torch
 
 from hat.models import Classifier, create_model, list_models
-from hat.registry import build, get
+from hat.registry import build
+from tests.conftest import zoo_model
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_zoo_model_builds_trains_and_deploys(name):
-    small = "convnet" in name
-    accepts = inspect.signature(get(name, kind="model")).parameters
-    extra = {key: value for key, value in (("cifar_stem", True), ("image_size", 16)) if key in accepts}
-    model = create_model(name, num_classes=7, in_channels=1 if small else 3, **extra)
-    x = torch.randn(2, 1 if small else 3, 16, 16)
+    model, shape = zoo_model(name)
+    x = torch.randn(2, *shape)
     target = torch.tensor([0, 6])
     loss, logits = model(x, target)
     assert logits.shape == (2, 7) and loss.ndim == 0
@@ -57,20 +53,10 @@ def test_classifier_from_parts_excludes_loss_and_aux_heads_from_deploy():
     assert with_aux > without_aux  # the auxiliary loss only counts in training
 
 
-def test_torchvision_definitions_are_zoo_models_that_quantize_and_compile():
-    """model: {type: torchvision, arch: ...}: torchvision's network, rewritten once so that every stage takes it."""
-    from hat import backend, quant
-
-    torch.manual_seed(0)
+def test_torchvision_definitions_are_zoo_models():
+    """model: {type: torchvision, arch: ...}: torchvision's network (the parametrized tests above and in
+    tests/backend quantize and compile it), with the first conv taking `in_channels`."""
     model = create_model("torchvision", arch="resnet18", num_classes=10, in_channels=1, image_size=16)
     assert sum(p.numel() for p in model.parameters()) == 11_175_370  # torchvision's resnet18, 1-channel stem
-    qat = quant.prepare_qat(model, {"": quant.get_default_qat_qconfig(), "module_name": [("loss", None)]})
-    quant.set_fake_quant_state(qat, "calibration")
-    with torch.no_grad():
-        qat(torch.randn(8, 1, 16, 16))
-    quant.set_fake_quant_state(qat, "validation")
-    quantized = quant.convert(qat.eval()).deploy_model()
-    x = torch.randn(3, 1, 16, 16)
-    assert torch.equal(backend.compile(quantized, (x,)).run(x), quantized(x))
     with pytest.raises(ValueError, match="'resnet81' is not a torchvision classification model"):
         create_model("torchvision", arch="resnet81")
