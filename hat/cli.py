@@ -277,11 +277,13 @@ def _zoo(argv: Optional[Sequence[str]]) -> int:
         return 0
     from omegaconf import OmegaConf
 
+    from hat.checkpoint import load_checkpoint
+
     args.stage = None
     cfg = _load(args)
     checkpoint = Path(cfg.work_dir) / "float" / "best.pt"
     name = args.name or f"{Path(args.config).resolve().parent.name}_{cfg.model.type}"
-    state_metrics = zoo_index.load_checkpoint(checkpoint, required=("model",)).get("metrics") or {}
+    state_metrics = load_checkpoint(checkpoint, required=("model",)).get("metrics") or {}
     item = zoo_index.register_checkpoint(name, checkpoint, OmegaConf.to_container(cfg.model, resolve=True),
                                          dict(state_metrics), OmegaConf.to_yaml(cfg), args.overwrite)
     print(f"registered {name} ({cfg.model.type}, {checkpoint}) in {zoo_index.zoo_dir()}, sha256 {item['sha256']}")

@@ -23,3 +23,7 @@ class DataError(HatError):
 
 class UsageError(HatError):
     """The library is called in a way that cannot work (e.g. an optimizer built before prepare_qat)."""
+
+
+class OnnxExportError(HatError):
+    """A model cannot be exported to ONNX; the message says why and what to change."""

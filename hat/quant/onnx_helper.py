@@ -16,14 +16,10 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from hat.errors import HatError
+from hat.backend.j5.onnx_qdq import OPSET, program_to_onnx
+from hat.errors import OnnxExportError
 from hat.quant.fake_quantize import frozen_for_export
 
-OPSET = 21  # int16 QuantizeLinear/DequantizeLinear
-
-
-class OnnxExportError(HatError):
-    """The model cannot be exported to ONNX; the message says why and what to change."""
 
 
 def export_to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -58,7 +54,6 @@ def export_quantized_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, 
     import onnx
 
     from hat import backend
-    from hat.backend.j5.onnx_qdq import program_to_onnx
 
     program = backend.compile(model, _as_tuple(example_inputs), march=march)
     path = Path(path)

@@ -5,7 +5,8 @@ import torch
 
 from hat import quant
 from hat.models import create_model
-from hat.quant.onnx_helper import OnnxExportError, export_quantized_onnx, export_to_onnx
+from hat.errors import OnnxExportError
+from hat.quant.onnx_helper import export_quantized_onnx, export_to_onnx
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -14,14 +14,10 @@ import numpy as np
 from torch import nn
 
 from hat.backend.j5.program import Node, Program
-from hat.errors import HatError
+from hat.errors import OnnxExportError
 
 OPSET = 21  # int16 QuantizeLinear/DequantizeLinear
 ONNX_TYPES = {"qint8": 3, "qint16": 5}  # TensorProto.INT8, INT16
-
-
-class OnnxExportError(HatError):
-    """The program holds an op with no ONNX form here."""
 
 
 def program_to_onnx(program: Program, model: nn.Module):
