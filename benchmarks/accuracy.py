@@ -41,7 +41,7 @@ def main() -> int:
     passed = float_top1 >= args.min_float and program_top1 >= float_top1 - args.max_drop
     lines = [f"{args.config} ({' '.join(args.overrides) or 'no overrides'})", "", "| stage | top-1 % | wall time |",
              "| --- | --- | --- |"]
-    lines += [f"| {stage} | {r['top1']:.2f} | {r['seconds'] / 60:.1f} min |" for stage, r in results.items()]
+    lines += [f"| {stage} | {r['top1']:.2f} | {r['seconds']:.0f} s |" for stage, r in results.items()]
     int_metrics = results["int_infer"]["metrics"]
     lines += ["", f"quantized model {int_metrics['val/top1_quantized']:.2f}, QAT vs program agreement "
               f"{int_metrics['val/agreement_qat_int']:.2f}%, program vs quantized: "
