@@ -84,7 +84,7 @@ def register_checkpoint(name: str, checkpoint: Path, model_cfg: dict, metrics: d
     target = folder / f"{name}.pt"
     save_checkpoint({"model": state["model"], "config": config_yaml}, target)
     item = {"model": model_cfg, "checkpoint": target.name, "sha256": sha256(target), "metrics": metrics,
-            "source": str(checkpoint), "config": config_yaml}
+            "source": str(Path(checkpoint).resolve()), "config": config_yaml}
     _write_index({**index, name: item})
     return item
 
