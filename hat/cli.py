@@ -1,4 +1,5 @@
-"""What `tools/train.py` and `tools/predict.py` do, callable from Python (the tools are two-line wrappers)."""
+"""What the tools do (train, predict, check_model, export_onnx, zoo, check_env), callable from Python; each tool is a
+two-line wrapper."""
 from __future__ import annotations
 
 import argparse
