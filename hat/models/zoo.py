@@ -23,8 +23,9 @@ def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
     """Build zoo model `name`: a registered model, or an entry of the local zoo index (its model config; `kwargs`
     override it). `pretrained`: a checkpoint path, `zoo:NAME`, or True for the zoo entry `name` (sha256-verified);
     matching weights are loaded and what did not match is reported."""
-    if name not in list_registered("model") and name in read_index():
-        config = {**read_index()[name]["model"], **kwargs}
+    index = {} if name in list_registered("model") else read_index()
+    if name in index:
+        config = {**index[name]["model"], **kwargs}
         model = get(config.pop("type"), kind="model", where=f"zoo entry '{name}' model.type")(**config)
     else:
         model = get(name, kind="model", where="model.type")(**kwargs)

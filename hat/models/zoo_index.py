@@ -98,8 +98,9 @@ def _write_index(index: dict) -> None:
 
 
 def remove(name: str) -> None:
-    entry(name)
     index = read_index()
+    if name not in index:
+        entry(name)  # raises, listing the entries
     (zoo_dir() / index.pop(name)["checkpoint"]).unlink(missing_ok=True)
     _write_index(index)
 
