@@ -5,7 +5,6 @@ Each returns (float image tensor CxHxW, int label) and exposes `num_classes`.
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hat.data.cifar_batch import read_cifar_batch
 from hat.errors import DataError
 from hat.registry import register
 
@@ -111,7 +111,8 @@ class FashionMNIST(TensorImageDataset):
 
 @register(kind="dataset")
 class CIFAR10(TensorImageDataset):
-    """CIFAR-10 from a local torchvision-layout root (`root/cifar-10-batches-py/`); never downloads."""
+    """CIFAR-10 from a local torchvision-layout root (`root/cifar-10-batches-py/`); never downloads, and reads the
+    batch pickles with a reader that refuses anything but arrays, lists and strings (a hostile file runs nothing)."""
 
     def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None):
         _check_split(split, ("train", "test"), "CIFAR10")
@@ -123,10 +124,9 @@ class CIFAR10(TensorImageDataset):
                             f"(from the CIFAR-10 site) into data root '{root}' or set data.*.root")
         images, labels = [], []
         for name in names:
-            with open(folder / name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")  # the dataset's own format; a local, user-provided file
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch["labels"])
+            pixels, batch_labels = read_cifar_batch(folder / name)  # arrays, lists and strings only: runs no code
+            images.append(pixels.reshape(-1, 3, 32, 32))
+            labels.extend(batch_labels)
         data = torch.from_numpy(np.concatenate(images)).float() / 255.0
         mean = torch.tensor([0.491, 0.482, 0.447]).view(1, 3, 1, 1)
         std = torch.tensor([0.247, 0.243, 0.262]).view(1, 3, 1, 1)

@@ -1,14 +1,19 @@
 import gzip
+import io
+import os
 import pickle
+import pickletools
 import struct
 
 import numpy as np
 import pytest
 import torch
 
+from hat.cli import train_main
 from hat.data import build_dataset, build_loader, start_epoch
 from hat.data.datasets import CIFAR10, DigitsDataset, FashionMNIST, ImageFolder
 from hat.errors import DataError
+from tests.conftest import DIGITS
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():
@@ -65,6 +70,128 @@ def test_cifar10_from_local_batches(tmp_path):
     assert len(dataset) == 4 and dataset[3][1] == 9 and dataset[0][0].shape == (3, 32, 32)
     with pytest.raises(DataError, match="data_batch_1, .* not found"):
         CIFAR10(str(tmp_path), "train")
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 `str` (BINSTRING), as the CIFAR-10 files (Python 2 cPickle) hold them."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj):
+        raw = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = _save_python2_str
+
+
+def _genuine_batch(n=4, seed=0, labels=None):
+    """A batch dict in the CIFAR-10 layout."""
+    data = np.random.RandomState(seed).randint(0, 256, (n, 3072), dtype=np.uint8)
+    return {"batch_label": "training batch 1 of 5", "labels": labels or [i % 10 for i in range(n)], "data": data,
+            "filenames": [f"img_{i}.png" for i in range(n)]}
+
+
+def _python2_pickle(batch):
+    """`batch` as the real files are: protocol 2, Python 2 strings, numpy 1's module name for `_reconstruct`."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(batch)
+    return out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _cifar_root(tmp_path, **files):
+    """root/cifar-10-batches-py with the five train batches and the test batch (genuine unless given in `files`)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        (folder / name).write_bytes(files.get(name, _python2_pickle(_genuine_batch(seed=i))))
+    return folder
+
+
+def test_cifar10_reads_the_python2_format_of_the_real_files(tmp_path):
+    batch = _genuine_batch(labels=[3, 9, 0, 1])
+    payload = _python2_pickle(batch)
+    globals_used = {arg for op, arg, _ in pickletools.genops(payload) if "GLOBAL" in op.name}
+    assert globals_used == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    _cifar_root(tmp_path, test_batch=payload)
+    dataset = CIFAR10(str(tmp_path), "test")
+    assert dataset.labels.tolist() == [3, 9, 0, 1]
+    pixels = torch.from_numpy(batch["data"][2].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(dataset.images[2] * dataset.images.new_tensor([0.247, 0.243, 0.262]).view(3, 1, 1)
+                          + dataset.images.new_tensor([0.491, 0.482, 0.447]).view(3, 1, 1), pixels, atol=1e-6)
+    assert len(CIFAR10(str(tmp_path), "train")) == 20
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar10_reads_batches_pickled_by_python3(tmp_path, protocol):
+    batch = _genuine_batch(labels=[5, 6, 7, 8])
+    _cifar_root(tmp_path, test_batch=pickle.dumps(batch, protocol=protocol))
+    assert CIFAR10(str(tmp_path), "test").labels.tolist() == [5, 6, 7, 8]
+
+
+class _Payload:
+    """Unpickling calls `call(*args)`: what a hostile batch file does."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _hostile_payloads(marker):
+    return {"os.system": _Payload(os.system, f"touch '{marker}'"), "open": _Payload(open, str(marker), "w"),
+            "eval": _Payload(eval, f"open({str(marker)!r}, 'w')")}
+
+
+@pytest.mark.parametrize("attack", ["os.system", "open", "eval"])
+@pytest.mark.parametrize("where", ["top", "in_labels"])
+def test_a_hostile_cifar_batch_runs_nothing_and_is_refused(tmp_path, attack, where):
+    marker = tmp_path / "pwned"
+    payload = _hostile_payloads(marker)[attack]
+    batch = payload if where == "top" else {**_genuine_batch(), "labels": [0, payload, 1, 2]}
+    hostile = pickle.dumps(batch, protocol=2)
+    folder = _cifar_root(tmp_path, data_batch_1=hostile)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=r"refused .*data_batch_1: it holds a reference to \w+\.\w+; a CIFAR-10 "
+                                        r"batch holds only arrays, lists and strings.*re-extract"):
+        CIFAR10(str(tmp_path), "train")
+    assert not marker.exists() and sorted(tmp_path.rglob("*")) == before
+    assert (folder / "data_batch_1").read_bytes() == hostile
+    pickle.loads(hostile)  # the same file through plain pickle: the attack is real
+    assert marker.exists()
+
+
+def test_a_hostile_cifar_batch_stops_training_with_exit_code_2(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    _cifar_root(tmp_path, data_batch_1=pickle.dumps(_hostile_payloads(marker)["os.system"], protocol=2))
+    work_dir = tmp_path / "work"
+    code = train_main(["--config", str(DIGITS), f"work_dir={work_dir}", "trainer.progress_bar=false",
+                       "data.train.type=CIFAR10", f"+data.train.root={tmp_path}", "model.in_channels=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: CIFAR10: refused" in err and "data_batch_1" in err and "posix.system" in err
+    assert not marker.exists() and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "readable CIFAR-10 batch \\(EOFError.*truncated or damaged"),
+    (b"garbage, not a pickle at all", "readable CIFAR-10 batch .*truncated or damaged"),
+    ("truncated", "readable CIFAR-10 batch .*truncated or damaged"),
+    (pickle.dumps([1, 2, 3], protocol=2), "CIFAR-10 batch: it holds a list, not a dict"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, protocol=2),
+     "'data' is a float32 array of shape \\(2, 3072\\), not a uint8 array of N x 3072"),
+    (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, protocol=2), "'data' is a uint8 array"),
+    (pickle.dumps({"labels": [0, 1]}, protocol=2), "'data' is None"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, protocol=2), "'labels' must be"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": ["0", 1]}, protocol=2), "'labels' must be"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, protocol=2), "2 images but 1 labels"),
+], ids=["empty", "garbage", "truncated", "list", "float", "columns", "no_data", "label_10", "label_str", "lengths"])
+def test_a_damaged_cifar_batch_is_a_data_error_naming_the_file(tmp_path, content, problem):
+    if content == "truncated":
+        content = _python2_pickle(_genuine_batch())[:5000]
+    _cifar_root(tmp_path, test_batch=content)
+    with pytest.raises(DataError, match=f"CIFAR10: .*test_batch is not a .*{problem}"):
+        CIFAR10(str(tmp_path), "test")
 
 
 def test_image_folder(tmp_path):
