@@ -56,10 +56,33 @@ def entry(name: str) -> dict[str, Any]:
     return index[name]
 
 
+def checkpoint_path(name: str, item: Any) -> Path:
+    """The file of index entry `name`, checked to be a plain name that resolves (symlinks followed) inside the zoo
+    folder: a hostile or hand-edited index cannot make a load read, or `remove` delete, a file elsewhere."""
+    value = item.get("checkpoint") if isinstance(item, dict) else None
+    problem = _checkpoint_problem(value)
+    if problem:
+        raise CheckpointError(f"zoo entry '{name}' in {zoo_dir() / INDEX_FILE}: 'checkpoint' {value!r} {problem}; "
+                              f"nothing was read or deleted. Edit the entry's \"checkpoint\" to its file name in "
+                              f"that folder (e.g. \"{name}.pt\") or delete the entry from index.json")
+    return zoo_dir() / value
+
+
+def _checkpoint_problem(value: Any) -> str:
+    """Why `value` is not a zoo file name ('' when it is one): not a plain name, or resolving outside the folder."""
+    folder = zoo_dir().resolve()
+    if not isinstance(value, str) or "\0" in value or Path(value).name != value or value in ("", "..", INDEX_FILE):
+        return f"is not the name of a file in the zoo folder {folder}"
+    resolved = (folder / value).resolve()
+    if not resolved.is_relative_to(folder) or resolved in (folder, folder / INDEX_FILE):
+        return f"leads (through a symlink) to {resolved}, not a file in the zoo folder {folder}"
+    return ""
+
+
 def verified_checkpoint(name: str) -> Path:
     """The checkpoint file of entry `name`, after checking its sha256 against the index."""
     item = entry(name)
-    path = zoo_dir() / item["checkpoint"]
+    path = checkpoint_path(name, item)
     if not path.is_file():
         raise CheckpointError(f"zoo entry '{name}': {path} is missing; register the project again")
     actual = sha256(path)
@@ -98,10 +121,12 @@ def _write_index(index: dict) -> None:
 
 
 def remove(name: str) -> None:
+    """Delete entry `name` and its file; the file's path is checked first, so a hostile entry touches nothing."""
     index = read_index()
     if name not in index:
         entry(name)  # raises, listing the entries
-    (zoo_dir() / index.pop(name)["checkpoint"]).unlink(missing_ok=True)
+    path = checkpoint_path(name, index.pop(name))
+    path.unlink(missing_ok=True)  # a link inside the folder: removes the link, never its target
     _write_index(index)
 
 

@@ -1,12 +1,14 @@
 """The local zoo: register a finished project with one command, reuse it by name, sha256-verified, nothing downloads."""
+import json
+
 import pytest
 import torch
 
 from hat.checkpoint import save_checkpoint
 from hat.cli import zoo_main
 from hat.errors import CheckpointError, ConfigError
-from hat.models import create_model
-from hat.models.zoo_index import read_index, zoo_dir
+from hat.models import create_model, zoo, zoo_index
+from hat.models.zoo_index import read_index, sha256, zoo_dir
 from tests.conftest import DIGITS
 
 
@@ -66,3 +68,53 @@ def test_the_float_stage_starts_from_a_zoo_entry(project, digits_cfg, caplog):
     with caplog.at_level("INFO", logger="hat"):
         run_stage(digits_cfg("trainer.epochs=1", "pretrained=zoo:start", f"work_dir={work_dir / 'fine_tune'}"))
     assert f"loaded pretrained weights from {zoo_dir() / 'start.pt'}" in caplog.text
+
+
+@pytest.fixture
+def hostile_zoo(project, request):
+    """A zoo whose entry 'evil' points at victim.pt outside the zoo folder, in the way `request.param` names; the
+    index's sha256 matches the victim, so only the path check stands between the entry and the file."""
+    work_dir, trained = project
+    victim = work_dir / "victim.pt"
+    save_checkpoint({"model": trained.state_dict()}, victim)
+    folder = zoo_dir()
+    folder.mkdir(parents=True)
+    checkpoint = {"traversal": "../../victim.pt", "absolute": str(victim), "symlink": "evil.pt",
+                  "the_index": "index.json"}[request.param]
+    if request.param == "symlink":
+        (folder / "evil.pt").symlink_to(victim)
+    item = {"model": {"type": "convnet_small", "num_classes": 10, "in_channels": 1}, "checkpoint": checkpoint,
+            "sha256": sha256(victim), "metrics": {}}
+    (folder / "index.json").write_text(json.dumps({"evil": item}))
+    return victim, _snapshot(work_dir)
+
+
+def _snapshot(root):
+    """Every path under `root` (links not followed) with its bytes, to show a refused command changed nothing."""
+    return {p: (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+ATTACKS = ["traversal", "absolute", "symlink", "the_index"]
+
+
+@pytest.mark.parametrize("hostile_zoo", ATTACKS, indirect=True)
+def test_loading_a_zoo_entry_that_leads_outside_the_zoo_reads_nothing(hostile_zoo, project, monkeypatch):
+    victim, before = hostile_zoo
+    opened = []
+    monkeypatch.setattr(zoo_index, "sha256", lambda path: opened.append(path))
+    monkeypatch.setattr(zoo, "load_pretrained", lambda model, path: opened.append(path))
+    for pretrained in (True, "zoo:evil"):
+        with pytest.raises(CheckpointError, match=r"zoo entry 'evil' in .*index.json: 'checkpoint' .* (is not the name "
+                                                  r"of a file in|leads \(through a symlink\) to .*, not a file in) the "
+                                                  r"zoo folder .*nothing was read or deleted.*delete the entry"):
+            create_model("evil", pretrained=pretrained)
+    assert opened == [] and _snapshot(project[0]) == before
+
+
+@pytest.mark.parametrize("hostile_zoo", ATTACKS, indirect=True)
+def test_removing_a_zoo_entry_that_leads_outside_the_zoo_deletes_nothing(hostile_zoo, project, capsys):
+    victim, before = hostile_zoo
+    assert zoo_main(["remove", "evil"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: zoo entry 'evil' in ") and "nothing was read or deleted" in err
+    assert err.count("\n") == 1 and victim.is_file() and _snapshot(project[0]) == before  # index, link, victim kept
