@@ -46,8 +46,8 @@ def test_bad_schedule_values_are_config_errors():
 
 
 # LR scaling with the global batch (FAQ 2.3 Q1)
-def _scaled(per_device=64, world=1, accum=1, **optimizer):
-    return scaled_lr({"type": "SGD", "lr": 0.1, **optimizer}, per_device, world, accum)
+def _scaled(per_device=64, world=1, accum=1, samples_per_device=None, **optimizer):
+    return scaled_lr({"type": "SGD", "lr": 0.1, **optimizer}, per_device, world, accum, samples_per_device)
 
 
 @pytest.mark.parametrize("world,accum,rule,expected", [
@@ -73,3 +73,43 @@ def test_bad_lr_scaling_settings_are_config_errors(bad, message):
 def test_optimizer_arguments_drop_the_engine_keys():
     cfg = {"type": "SGD", "lr": 0.1, "base_batch_size": 64, "lr_scaling": "linear", "momentum": 0.8}
     assert optimizer_arguments(cfg, 0.4) == {"type": "SGD", "lr": 0.4, "momentum": 0.8}
+
+
+def test_a_batch_larger_than_the_data_scales_by_the_batch_really_delivered():
+    """batch_size 100000 on 1437 images used to scale the LR x1562; a step sees 1437 images."""
+    lr, line = _scaled(per_device=100000, base_batch_size=64, samples_per_device=1437)
+    assert lr == pytest.approx(0.1 * 1437 / 64)
+    assert "global batch 1437 = 1437 per device" in line and "data.batch_size 100000 is larger than the 1437" in line
+
+
+def test_accumulation_beyond_an_epoch_is_capped_at_the_epochs_batches():
+    lr, line = _scaled(per_device=64, accum=1000, base_batch_size=64, samples_per_device=1437)
+    assert lr == pytest.approx(0.1 * 23)  # a step accumulates the epoch's 23 batches of 64 (the last one short)
+    assert "x 23 accumulation steps" in line and "trainer.accum_steps 1000 exceeds the 23 batches" in line
+    assert _scaled(per_device=64, accum=4, base_batch_size=64, samples_per_device=1437)[0] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("lr", ["abc", 0, -0.1, float("inf"), True, None])
+def test_the_lr_must_be_a_positive_number(lr):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr=.* must be a positive number"):
+        scaled_lr({"type": "SGD", "lr": lr}, 64, 1, 1)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"type": "CosineLR", "min_lr_ratio": 2.0}, r"min_lr_ratio=2.0 must be in \[0, 1\]"),
+    ({"type": "CosineLR", "min_lr_ratio": -0.5}, r"min_lr_ratio=-0.5 must be in \[0, 1\]"),
+    ({"type": "StepLR", "gamma": 0}, "gamma=0 must be > 0"),
+    ({"type": "StepLR", "milestones": [-1]}, "milestones=.-1. must be epochs >= 0"),
+    ({"type": "ConstantLR", "warmup_epochs": -1}, "warmup_epochs=-1 must be >= 0"),
+])
+def test_schedule_arguments_out_of_range_are_config_errors(cfg, message):
+    with pytest.raises(RegistryError, match=f"scheduler: {cfg['type']} rejected its arguments: {message}"):
+        _lrs(cfg)
+
+
+@pytest.mark.parametrize("args, message", [({"momentum": 1.0}, r"momentum=1.0 must be in \[0, 1\)"),
+                                           ({"momentum": -0.1}, r"momentum=-0.1 must be in \[0, 1\)")])
+def test_optimizer_arguments_out_of_range_are_config_errors(args, message):
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    with pytest.raises(RegistryError, match=f"optimizer: SGD rejected its arguments: {message}"):
+        build({"type": "SGD", "lr": 0.1, **args}, "optimizer", kind="optimizer", params=params)
