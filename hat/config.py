@@ -137,6 +137,7 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     return merged
 
 
+MAX_SEED = 2**31 - 1  # 32-bit seeds (numpy) with room for the rank and the epoch added to them
 _AT_LEAST = {"quant.calibration_batches": 1, "trainer.dist_timeout_s": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
              "trainer.log_interval": 1, "trainer.eval_interval": 1,
              "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
@@ -151,6 +152,11 @@ def _check_ranges(cfg: DictConfig, source: str) -> None:
     if unknown:
         raise ConfigError(f"{source}: stages.{unknown[0]}: not a stage; per-stage overrides go under "
                           f"stages.<{'|'.join(STAGE_ORDER)}>")
+    if cfg.work_dir is None or not str(cfg.work_dir).strip():
+        raise ConfigError(f"{source}: work_dir is empty; set work_dir=work_dirs/NAME (each stage writes "
+                          f"work_dir/<stage>/)")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"{source}: seed={cfg.seed} is out of range; use an integer from 0 to {MAX_SEED}")
     for key, low in _AT_LEAST.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
 
@@ -24,6 +23,7 @@ from hat.data import build_dataset, build_loader
 from hat.engine import distributed
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
 from hat.engine.runtime import keep_freed_memory, seed_everything
+from hat.engine.workdir import claimed_stage_folder
 from hat.engine.optim import build_optimizer
 from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
@@ -42,8 +42,9 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
               overwrite: bool = False) -> dict[str, float]:
     """Run one stage: merge its `stages.<name>` overrides, save the merged config, seed, run, save metrics.
 
-    A stage folder that already holds a run is never overwritten silently: resume it or pass `overwrite`.
-    Under torchrun every rank runs this; rank 0 alone writes into work_dir.
+    A stage folder that already holds a run is never overwritten silently: resume it or pass `overwrite`; two runs
+    never write into one folder at once (claimed_stage_folder). Under torchrun every rank runs this; rank 0 alone
+    writes into work_dir.
     """
     stage = stage or cfg.stage
     if stage not in list_registered("stage"):
@@ -57,24 +58,16 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
             return {}
     else:
         distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-    out_dir = Path(cfg.work_dir) / stage
-    previous = [name for name in ("last.pt", "best.pt") if (out_dir / name).exists()]
-    if previous and not resume:
-        if not overwrite:
-            raise ConfigError(f"{out_dir} already holds a run ({previous[0]}); continue it with --resume, replace it "
-                              f"with --overwrite, or pick another work_dir=...")
-        distributed.barrier()  # every rank has seen the old run before rank 0 removes it
+    with claimed_stage_folder(Path(cfg.work_dir) / stage, resume, overwrite) as out_dir:
         if w.is_main:
-            shutil.rmtree(out_dir)  # no stale best.pt or TensorBoard curves from the replaced run
-    if w.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    if cfg.trainer.keep_freed_memory:
-        keep_freed_memory()
-    seed_everything(cfg.seed + w.rank, cfg.trainer.deterministic)  # DDP starts every rank from rank 0's weights
-    log.info("stage %s: writing to %s", stage, out_dir)
-    metrics = get(stage, kind="stage")(cfg, out_dir, resume)
-    if w.is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            save_config(cfg, out_dir / "config.yaml")
+        if cfg.trainer.keep_freed_memory:
+            keep_freed_memory()
+        seed_everything(cfg.seed + w.rank, cfg.trainer.deterministic)  # DDP starts every rank from rank 0's weights
+        log.info("stage %s: writing to %s", stage, out_dir)
+        metrics = get(stage, kind="stage")(cfg, out_dir, resume)
+        if w.is_main:
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("stage %s done: %s", stage, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
 
@@ -97,11 +90,9 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
                                 num_replicas=w.size, rank=w.rank)
     val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed,
                               num_replicas=w.size, rank=w.rank)
-    if cfg.optimizer is None:
-        raise ConfigError("optimizer: missing; add `/optimizer: sgd` to the config's defaults or set optimizer.type")
     with eval_context():  # QAT: observers frozen, so this check does not move the calibrated ranges
         check_model_fits_data(cfg, model, val_loader, device)
-    optimizer, lr_line = build_optimizer(cfg, model.parameters(), w.size)
+    optimizer, lr_line = build_optimizer(cfg, model.parameters(), w.size, len(train_loader.sampler))
     _report_lr(cfg, optimizer.param_groups[0]["lr"], lr_line)
     callbacks: list[Callback] = [EvalCallback(val_loader, t.eval_interval, eval_context)]
     if w.is_main:
