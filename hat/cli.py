@@ -146,8 +146,7 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt; for int_infer the "
                                        "integer program, work_dir/int_infer/model.hir)")
     args = parser.parse_intermixed_args(argv)
-    from hat.checkpoint import load_checkpoint
-    from hat.errors import CheckpointError
+    from hat.checkpoint import load_checkpoint, load_weights
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.runtime import select_device
@@ -163,14 +162,11 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
     quantized = cfg.stage in ("calibration", "qat")
     model = prepared_model(cfg) if quantized else build_model(cfg)
-    try:
-        if quantized:
-            load_quantized_weights(model, cfg, path, "evaluate it with the config it was trained with")
-        else:
-            model.load_state_dict(load_checkpoint(path, required=("model",))["model"])
-    except RuntimeError as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{path} does not fit model '{cfg.model.type}' of this config: {reason}") from None
+    if quantized:
+        load_quantized_weights(model, cfg, path, "evaluate it with the config it was trained with")
+    else:
+        load_weights(model, load_checkpoint(path, required=("model",))["model"], path,
+                     f"evaluate it with the config that trained it (model.type '{cfg.model.type}' here)")
     device = select_device(cfg.trainer.device)
     metrics = evaluate(model.to(device), loader, device)
     print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -222,7 +218,7 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--ckpt", help="checkpoint (default: work_dir/<stage>/best.pt; int_infer: the QAT one)")
     parser.add_argument("--out", help="ONNX file to write (default: work_dir/<stage>/model.onnx)")
     args = parser.parse_intermixed_args(argv)
-    from hat.checkpoint import load_checkpoint
+    from hat.checkpoint import load_checkpoint, load_weights
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
     from hat.engine.int_infer import deploy_part, quantized_models
@@ -239,7 +235,8 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
     example = next(iter(loader))[0][:1]
     if stage == "float":
         model = build_model(cfg)
-        model.load_state_dict(load_checkpoint(ckpt, required=("model",))["model"])
+        load_weights(model, load_checkpoint(ckpt, required=("model",))["model"], ckpt,
+                     "export it with the config that trained it")
         path = export_to_onnx(deploy_part(model).eval(), example, out)
     elif stage in ("calibration", "qat"):
         path = export_to_onnx(quantized_models(cfg, ckpt)[0], example, out)

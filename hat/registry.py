@@ -59,7 +59,10 @@ def get(name: str, kind: str | tuple[str, ...] | None = None, where: str = "type
     """
     kinds_ok = (kind,) if isinstance(kind, str) else kind
     entry = _ENTRIES.get(name)
-    if entry is None or (kinds_ok is not None and entry.kind not in kinds_ok):
+    if entry is not None and kinds_ok is not None and entry.kind not in kinds_ok:
+        raise RegistryError(f"{where}: '{name}' is of kind {entry.kind}, but this key takes kind "
+                            f"{' or '.join(kinds_ok)} ({LIST_HINT} by kind)")
+    if entry is None:
         candidates = [n for k in (kinds_ok or (None,)) for n in list_registered(k)]
         close = difflib.get_close_matches(str(name), candidates, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -79,10 +82,12 @@ def build(cfg: Mapping | DictConfig, where: str = "", kind: str | tuple[str, ...
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping) or "type" not in cfg:
         raise RegistryError(f"{where or 'config'}: expected a mapping with a 'type' key, got {cfg!r}")
-    kwargs = {k: _build_nested(v, f"{where}.{k}" if where else k) for k, v in cfg.items() if k != "type"}
-    kwargs.update(extra)
     type_key = f"{where}.type" if where else "type"
     target = get(cfg["type"], kind=kind, where=type_key)
+    hints, nested_kinds = _type_hints(target), (_ENTRIES[cfg["type"]].kind, *PART_KINDS)
+    kwargs = {k: _build_nested(v, f"{where}.{k}" if where else k, hints.get(k), nested_kinds)
+              for k, v in cfg.items() if k != "type"}
+    kwargs.update(extra)
     _check_arguments(target, kwargs, where or cfg["type"])
     try:
         return target(**kwargs)
@@ -90,12 +95,30 @@ def build(cfg: Mapping | DictConfig, where: str = "", kind: str | tuple[str, ...
         raise RegistryError(f"{where or cfg['type']}: {cfg['type']} rejected its arguments: {exc}") from exc
 
 
-def _build_nested(value: Any, where: str) -> Any:
+PART_KINDS = ("model", "structure", "backbone", "neck", "head", "loss")
+
+
+def _build_nested(value: Any, where: str, hint: Any, kinds: tuple[str, ...]) -> Any:
+    """Build a `type:` mapping inside a config: only of `kinds` (model parts, or the kind of the object it sits
+    in), never a stage or an optimizer, and never for an argument that takes a plain value."""
     if isinstance(value, Mapping) and "type" in value:
-        return build(value, where)
+        if hint is not None and _plain(hint):
+            raise RegistryError(f"{where}: takes {_type_name(hint)}, not a built object; remove its `type:` key")
+        return build(value, where, kind=tuple(dict.fromkeys(kinds)))
     if isinstance(value, list):
-        return [_build_nested(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return [_build_nested(v, f"{where}[{i}]", items[0] if len(items) == 1 else hint, kinds)
+                for i, v in enumerate(value)]
     return value
+
+
+def _plain(hint: Any) -> bool:
+    """Whether an annotation admits only plain values (numbers, strings, bools and sequences of them)."""
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis and a is not type(None)]
+    if hint in _SIMPLE:
+        return True
+    return bool(args) and typing.get_origin(hint) in (typing.Union, types.UnionType, list, tuple,
+                                                      collections.abc.Sequence) and all(map(_plain, args))
 
 
 def _check_arguments(target: Callable, kwargs: dict, where: str) -> None:

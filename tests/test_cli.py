@@ -51,9 +51,15 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
                  f"error: {tmp_path}/calibration/best.pt not found: run the calibration stage first",
              ("--config", DIGITS, "work_dir=/proc/hat"): "error: No such file or directory: /proc/hat",
              ("--config", DIGITS, "optimizer.lr=-1", f"work_dir={tmp_path}"):
-                 "error: optimizer: SGD rejected its arguments: Invalid learning rate: -1",
+                 "error: optimizer.lr=-1 must be a positive number (e.g. optimizer.lr=0.05)",
              ("--config", DIGITS, "--resume", f"work_dir={tmp_path}"):
-                 f"error: checkpoint not found: {tmp_path}/float/last.pt"}
+                 f"error: checkpoint not found: {tmp_path}/float/last.pt",
+             ("--config", DIGITS, "optimizer.lr=abc", f"work_dir={tmp_path}"):
+                 "error: optimizer.lr='abc' must be a positive number (e.g. optimizer.lr=0.05)",
+             ("--config", DIGITS, "seed=99999999999999999999", f"work_dir={tmp_path}"):
+                 f"error: {DIGITS}: seed=99999999999999999999 is out of range; use an integer from 0 to 2147483647",
+             ("--config", DIGITS, "+model.extra={type: float}", f"work_dir={tmp_path}"):
+                 "error: model.extra.type: 'float' is of kind stage, but this key takes kind model or structure"}
     for argv, message in cases.items():
         assert train_main(list(argv)) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -65,7 +71,9 @@ def test_predict_with_a_checkpoint_of_another_model(tmp_path, capsys):
     common = ["--config", DIGITS, f"work_dir={tmp_path}", "trainer.progress_bar=false", "trainer.epochs=1"]
     assert train_main(common) == 0
     assert predict_main([*common, "model.type=convnet_base"]) == 2
-    assert f"error: {tmp_path}/float/best.pt does not fit model 'convnet_base'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path}/float/best.pt does not fit this config's model (Error(s) in loading" in err
+    assert "evaluate it with the config that trained it (model.type 'convnet_base' here)" in err
 
 
 def test_list_shows_registered_names(capsys):
@@ -73,3 +81,14 @@ def test_list_shows_registered_names(capsys):
     assert capsys.readouterr().out.strip() == "model: convnet_base, convnet_small, mobilenet_v2, resnet18, resnet34, torchvision"
     assert train_main(["--list"]) == 0
     assert "optimizer: AdamW, SGD" in capsys.readouterr().out
+
+
+def test_calibrating_the_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
+    common = ["--config", DIGITS, f"work_dir={tmp_path}", "trainer.progress_bar=false", "trainer.epochs=1"]
+    assert train_main(common) == 0
+    assert train_main([*common, "--stage", "calibration", "model.type=convnet_base"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path}/float/best.pt does not fit this config's model (Error(s) in "
+                              f"loading state_dict"), err
+    assert err[-1].endswith("use the config it was trained with, or rerun --stage float")
+    assert not (tmp_path / "calibration").exists()

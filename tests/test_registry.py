@@ -29,8 +29,22 @@ def test_unknown_name_shows_key_path_close_match_and_how_to_list():
 
 
 def test_kind_restricts_lookup():
-    with pytest.raises(RegistryError, match="unknown optimizer name 'resnet18'"):
+    with pytest.raises(RegistryError, match="optimizer.type: 'resnet18' is of kind model, but this key takes "
+                                            "kind optimizer"):
         get("resnet18", kind="optimizer", where="optimizer.type")
+    with pytest.raises(RegistryError, match="unknown optimizer name 'resnet81'"):
+        get("resnet81", kind="optimizer", where="optimizer.type")
+
+
+def test_nested_builds_are_restricted_to_model_parts_and_the_parents_kind():
+    """`+model.extra={type: float}` used to call the float *stage* while building the model."""
+    calls = []
+    register(lambda: calls.append(1), name="side_effect_stage", kind="stage")
+    with pytest.raises(RegistryError, match=r"model\.inner\.type: 'side_effect_stage' is of kind stage"):
+        build({"type": "Pair", "left": 1, "inner": {"type": "side_effect_stage"}}, "model")
+    with pytest.raises(RegistryError, match=r"model\.left: takes int, not a built object"):
+        build({"type": "Pair", "left": {"type": "Pair", "left": 1}}, "model")
+    assert calls == []
 
 
 def test_unknown_argument_names_config_key_and_suggests():

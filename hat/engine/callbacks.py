@@ -46,8 +46,11 @@ class CheckpointCallback(Callback):
     def after_epoch(self, trainer: Trainer) -> None:
         broken = non_finite_weights(trainer.bare_model)
         if broken:  # never replace a good checkpoint with a broken one
+            last = self.out_dir / "last.pt"
+            kept = (f"{last} keeps the previous epoch" if last.is_file() else
+                    f"no checkpoint of this run exists yet (the weights broke before its first epoch ended)")
             raise NonFiniteError(f"refusing to write a checkpoint: non-finite values in {', '.join(broken[:5])}; "
-                                 f"{self.out_dir / 'last.pt'} keeps the previous epoch. "
+                                 f"{kept}. "
                                  + non_finite_message("weights", trainer.epoch - 1, trainer.step - 1).split(". ", 1)[1])
         value = trainer.metrics.get(self.metric)
         improved = value is not None and (self.best is None or value > self.best)

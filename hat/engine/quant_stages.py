@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hat.checkpoint import load_checkpoint, save_checkpoint
+from hat.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
@@ -73,7 +73,9 @@ def prepared_model(cfg: DictConfig, float_weights: Optional[Path] = None) -> nn.
     in validation state."""
     model = build_model(cfg)
     if float_weights is not None:
-        model.load_state_dict(load_checkpoint(float_weights, required=("model",))["model"])
+        load_weights(model, load_checkpoint(float_weights, required=("model",))["model"], float_weights,
+                     "it is not a float checkpoint of this config's model; use the config it was trained with, "
+                     "or rerun --stage float")
     model = prepare_qat(model, qconfig_dict_from_config(cfg, model))
     set_fake_quant_state(model, "validation")
     return model
@@ -87,7 +89,7 @@ def load_quantized_weights(model: nn.Module, cfg: DictConfig, path: Path, fix: s
     changed = config_differences(state, cfg, ("model", *QUANT_KEYS))
     if changed:
         raise ConfigError(f"the config changed since {path} was written ({'; '.join(changed)}): {fix}")
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path, fix)
     set_fake_quant_state(model, "validation")
 
 
