@@ -16,6 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from hat.backend.j5.profile import PROFILES
 from hat.errors import ConfigError
+from hat.fileio import atomic_write
 
 STAGE_ORDER = ("float", "calibration", "qat", "int_infer")
 TYPED_SECTIONS = ("trainer", "data", "quant")
@@ -175,8 +176,7 @@ def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(OmegaConf.to_yaml(cfg))
+    atomic_write(path, lambda f: f.write(OmegaConf.to_yaml(cfg).encode()))
 
 
 def _base_dirs(path: Path) -> list[Path]:

@@ -97,6 +97,20 @@ def test_faq_2_3_q4_a_checkpoint_with_non_finite_weights_is_never_written(tmp_pa
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
+def test_faq_2_3_q4_the_refusal_says_so_when_no_checkpoint_exists_yet(tmp_path):
+    from hat.engine.callbacks import CheckpointCallback
+    from hat.engine.nonfinite import NonFiniteError
+
+    model = create_model("convnet_small")
+    with torch.no_grad():
+        model.head[2].weight[0, 0] = float("nan")
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=None, epochs=1)
+    with pytest.raises(NonFiniteError, match=r"no checkpoint of this run exists yet \(the weights broke before its "
+                                             r"first epoch ended\)") as err:
+        CheckpointCallback(tmp_path, "config: 1").after_epoch(trainer)
+    assert "keeps the previous epoch" not in str(err.value) and not list(tmp_path.iterdir())
+
+
 def test_faq_2_3_q5_module_name_given_as_an_index_is_an_error_naming_real_modules():
     qc16 = quant.get_default_qat_qconfig(activation_dtype="qint16")
     with pytest.raises(ValueError, match=r"module_name must be the module's dotted name as a string .* got int 2; "

@@ -27,6 +27,7 @@ from hat.engine.workdir import claimed_stage_folder
 from hat.engine.optim import build_optimizer
 from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
+from hat.fileio import atomic_write
 from hat.models.zoo import report_pretrained
 from hat.models.zoo_index import pretrained_path
 from hat.registry import build, get, list_registered, register
@@ -67,7 +68,7 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
         log.info("stage %s: writing to %s", stage, out_dir)
         metrics = get(stage, kind="stage")(cfg, out_dir, resume)
         if w.is_main:
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     log.info("stage %s done: %s", stage, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from hat.checkpoint import load_checkpoint, save_checkpoint
 from hat.errors import CheckpointError, ConfigError
+from hat.fileio import atomic_write
 
 INDEX_FILE = "index.json"
 
@@ -113,11 +113,7 @@ def register_checkpoint(name: str, checkpoint: Path, model_cfg: dict, metrics: d
 
 
 def _write_index(index: dict) -> None:
-    folder = zoo_dir()
-    fd, tmp = tempfile.mkstemp(prefix=".index.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f, indent=2)
-    os.replace(tmp, folder / INDEX_FILE)
+    atomic_write(zoo_dir() / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=2).encode()))
 
 
 def remove(name: str) -> None:
