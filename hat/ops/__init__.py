@@ -33,7 +33,7 @@ def _uses_kernel(t: torch.Tensor, floats_only: bool = False) -> bool:
     global _warned_cuda
     if not _STATUS.loaded or (floats_only and t.dtype not in _KERNEL_FLOATS):
         return False
-    if t.device.type == "cpu":
+    if t.device.type in ("cpu", "meta"):  # meta: the op's shape rule (hat/ops/meta.py), e.g. a .hir load's dry run
         return True
     if t.device.type == "cuda" and not _STATUS.cuda and not _warned_cuda:
         _warned_cuda = True

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from hat import backend, quant
-from hat.backend.j5.checker import Finding, ModelCheckError, _grid_sample_findings, _tensor_findings
+from hat.backend.j5.checker import Finding, ModelCheckError, _grid_sample_findings, tensor_findings
 from hat.backend.j5.profile import J5
 from hat.backend.j5.program import Node, Program, Value
 from hat.quant import DeQuantStub, FloatFunctional, QuantStub
@@ -187,7 +187,7 @@ def test_tensor_batch_and_size_limits():
     report = _report(Net(nn.ReLU()), (1, 1, 65537))
     assert {f.rule for f in report.findings} == {"tensor.dims"} and "<= 65536" in str(report)
     huge = Value("qint16", [4, 256, 1024, 1024])
-    (finding,) = _tensor_findings("v1", huge, "conv", J5)
+    (finding,) = tensor_findings("v1", huge, "conv", J5)
     assert finding.rule == "tensor.bytes" and "2147483648 bytes" in finding.message
 
 

@@ -21,13 +21,14 @@ def program():
     return backend.compile(qmodel, example_inputs=(torch.randn(2, 1, 8, 8),))
 
 
-def _rewrite(path, edit):
-    """Change the JSON header with `edit(header)` and write it back with valid checksums: only the schema is wrong."""
+def _rewrite(path, edit, text_edit=lambda head: head):
+    """Change the JSON header with `edit(header)` (then its text with `text_edit`) and write it back with valid
+    checksums: the attack of a hand-edited file, only the content is wrong."""
     blob = path.read_bytes()
     magic, version, head_len, _, payload_crc = struct.unpack_from("<8sIIII", blob)
     header = json.loads(blob[24:24 + head_len])
     edit(header)
-    head = json.dumps(header).encode()
+    head = text_edit(json.dumps(header)).encode()
     path.write_bytes(struct.pack("<8sIIII", magic, version, len(head), zlib.crc32(head), payload_crc) + head
                      + blob[24 + head_len:])
 
@@ -41,7 +42,7 @@ def test_round_trip_keeps_nodes_values_and_tensors(program, tmp_path):
     assert program.tensors.keys() == loaded.tensors.keys()
     for k, tensor in program.tensors.items():
         assert torch.equal(tensor, loaded.tensors[k]) and tensor.dtype == loaded.tensors[k].dtype
-    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, renamed at the end
+    assert [p.name for p in tmp_path.iterdir()] == ["m.hir"]  # written through a temporary file, renamed at the end
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -98,3 +99,86 @@ def test_header_is_documented_json_with_format_version(program, tmp_path):
     header = json.loads(blob[24:24 + head_len])
     assert version == irfile.FORMAT_VERSION and header["format"] == "hat.j5.program" and header["march"] == "bayes"
     assert {"op", "inputs", "output", "params", "module"} == set(header["nodes"][0])
+
+
+# --- hand-edited parameters, records and shapes (CRC recomputed): each refused with what, where and the fix --------
+def _node(h, op, k=0):
+    return [n for n in h["nodes"] if n["op"] == op][k]
+
+
+def _retype_weight(h, dtype="int32", itemsize=4):
+    """The first conv's weight as another dtype, its shape and nbytes made consistent with the same bytes."""
+    record = h["tensors"][_first_conv(h)["params"]["weight"]["$tensor"]]
+    record.update(dtype=dtype, shape=[record["nbytes"] // itemsize])
+
+
+_NESTED = 100_000
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: _first_conv(h)["params"].update(stride="ab"),
+     r"node 1 \(conv2d, module '1.0.0'\): parameter 'stride' is 'ab', expected an int or a list of 1-2 ints in "
+     r"\[1, 256\]; the file was edited or is corrupt: recompile"),
+    (lambda h: _first_conv(h)["params"].update(padding=[-1, -1]), r"parameter 'padding' is \[-1, -1\].*\[0, 256\]"),
+    (lambda h: _first_conv(h)["params"].update(padding=[200000, 200000]), r"'padding' is \[200000, 200000\]"),
+    (lambda h: _first_conv(h)["params"].update(dilation=[True, 1]), r"'dilation' is \[True, 1\]"),
+    (lambda h: _first_conv(h)["params"].update(out_dtype="qint7"), r"'out_dtype' is 'qint7', expected one of"),
+    (lambda h: _node(h, "quantize")["params"].update(dtype="qint32"), r"'dtype' is 'qint32', expected one of "
+                                                                      r"'qint8', 'qint16'"),
+    (lambda h: _node(h, "global_avg_pool")["params"].update(shift=200), r"global_avg_pool.*'shift' is 200.*\[0, 31\]"),
+    (lambda h: _node(h, "global_avg_pool")["params"].update(multiplier=40000), r"'multiplier' is 40000.*32767"),
+    (lambda h: _first_conv(h)["params"].update(shift=_first_conv(h)["params"]["weight"]),
+     r"'shift' refers to tensor 'n1.weight' with values in .*expected .*\[0, 31\]"),
+    (lambda h: _first_conv(h)["params"].update(groups=2.5), r"'groups' is 2.5, expected an int"),
+    (lambda h: _node(h, "layout")["params"].update(method="__class__"), r"'method' is '__class__', expected one of"),
+    (lambda h: _node(h, "layout")["params"].update(args=[1, -1, 2, 3]), r"node 5 \(layout.*the op fails on its "
+                                                                        r"declared inputs \(int8 \[2, 64, 1, 1\]\)"),
+    (_retype_weight, r"'weight' refers to tensor 'n1.weight' of dtype int32; expected .*dtype int8"),
+    (lambda h: h["values"]["v2"].update(shape=[2, 16, 9, 9]),
+     r"node 1 \(conv2d.*computes int8 \[2, 16, 8, 8\] for value 'v2', but the file declares qint8 \[2, 16, 9, 9\]"),
+    (lambda h: h["values"]["v2"].update(dtype="qint16"), r"computes int8 .* declares qint16"),
+    (lambda h: h["values"]["v0"].update(shape=[10 ** 9, 1, 8, 8]), r"input 'v0' declares batch 1000000000; the "
+                                                                    r"limit on bayes is 4096"),
+    (lambda h: [v.update(shape=[2, *v["shape"][1:3], 70000]) for v in h["values"].values() if len(v["shape"]) == 4],
+     r"exceeds the bayes tensor limits"),
+    (lambda h: h["values"]["v3"].update(scale=["x"]), r"value 'v3': scale \['x'\] is not a list of positive"),
+    (lambda h: h["values"]["v3"].update(axis=True), r"'axis' of value 'v3' is True, expected an int"),
+    (lambda h: next(iter(h["tensors"].values())).update(shape=[-1]), r"sizes >= 0"),
+    (lambda h: next(iter(h["tensors"].values())).update(offset="0"), r"'offset' of tensor 'n0.scale' is '0'"),
+    (lambda h: h["nodes"][2].update(output="v2"), r"output 'v2' is already defined"),
+    (lambda h: h["nodes"].__setitem__(0, ["quantize"]), r"node 0 is \['quantize'\], expected an object"),
+    (lambda h: _first_conv(h)["params"].update(splits={"$tensor": "n1.bias"}), r"'splits' is \{'\$tensor'"),
+])
+def test_hand_edited_parameters_are_refused(program, tmp_path, edit, message):
+    path = program.save(tmp_path / "m.hir")
+    _rewrite(path, edit)
+    with pytest.raises(IRFileError, match=message) as info:
+        backend.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text_edit, message", [
+    (lambda head: head.replace('"ceil"', "[" * _NESTED + "]" * _NESTED), "nested too deeply"),
+    (lambda head: head.replace('"ceil"', "NaN"), "NaN is not a number"),
+    (lambda head: head.replace('"ceil"', "1" * 5000), "not valid UTF-8 JSON"),
+])
+def test_hostile_json_is_refused(program, tmp_path, text_edit, message):
+    path = program.save(tmp_path / "m.hir")
+    _rewrite(path, lambda h: _first_conv(h)["params"].update(stride="ceil"), text_edit)
+    with pytest.raises(IRFileError, match=message):
+        backend.load(path)
+
+
+def test_every_kernel_has_a_bounded_parameter_schema():
+    from hat.backend.j5.kernels import KERNELS
+    from hat.backend.j5.schema import op_schema, unbounded
+
+    assert set(op_schema("bayes")) == set(KERNELS)
+    assert unbounded("bayes") == []  # a new kernel parameter needs a rule (range, choices or dtypes) in schema.py
+
+
+def test_program_input_error_is_a_hat_error_and_a_value_error():
+    from hat.backend import ProgramInputError
+    from hat.errors import HatError
+
+    assert issubclass(ProgramInputError, HatError) and issubclass(ProgramInputError, ValueError)

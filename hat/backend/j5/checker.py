@@ -161,7 +161,7 @@ def _program_findings(program: Program, profile: Profile) -> Iterator[Finding]:
                                                    f"smaller example batch")
     for name, value in program.values.items():
         if not value.constant:
-            yield from _tensor_findings(name, value, _producer(program, name), profile)
+            yield from tensor_findings(name, value, _producer(program, name), profile)
     for node in program.nodes:
         rule = _NODE_RULES.get(node.op)
         if rule is not None:
@@ -172,7 +172,7 @@ def _producer(program: Program, value: str) -> str:
     return next((n.module for n in program.nodes if n.output == value), "input")
 
 
-def _tensor_findings(name: str, value: Value, module: str, profile: Profile) -> Iterator[Finding]:
+def tensor_findings(name: str, value: Value, module: str, profile: Profile) -> Iterator[Finding]:
     limits = profile.tensor
     shape = value.shape
     too_big = [d for d in shape[1:] if d > limits.max_hwc]

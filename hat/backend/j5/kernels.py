@@ -20,7 +20,7 @@ from hat.backend.j5.profile import J5, TORCH_DTYPES
 from hat.ops.reference import round_grid
 
 FLOAT32_EXACT = 2 ** 24
-_ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, input_
                 splits: int) -> torch.Tensor:
     """The exact integer sums as int64: one float conv, or `splits` float32 convs over chunks of the input
     channels (each exact below 2^24) added in int64."""
-    dtype = _ACCUMULATE[accumulate]
+    dtype = ACCUMULATE_DTYPES[accumulate]
     if splits == 1:
         return torch.round(compute(x.to(dtype), weight.to(dtype))).long()
     pairs = zip(torch.tensor_split(x, splits, dim=input_axis), torch.tensor_split(weight, splits, dim=1))

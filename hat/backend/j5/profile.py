@@ -41,6 +41,7 @@ class GridSampleLimits:
     max_area: int = 720 * 1024
     modes: tuple[str, ...] = ("bilinear", "nearest")
     padding_modes: tuple[str, ...] = ("zeros", "border")
+    max_coord_shift: int = 8  # fractional bits of the int16 grid: clamp(15 - ceil(log2(...)), 0, 8)
 
 
 @dataclass(frozen=True)

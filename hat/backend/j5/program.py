@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from hat.backend.j5.kernels import KERNELS
+from hat.errors import HatError
 
 TENSOR_REF = "$tensor"  # a node parameter {"$tensor": name} refers to Program.tensors[name]
 
 
-class ProgramInputError(ValueError):
-    """Input of the wrong count, dtype or shape for an integer program."""
+class ProgramInputError(HatError, ValueError):
+    """Input of the wrong count, dtype or shape for an integer program (a ValueError too, for older callers)."""
 
 
 @dataclass
