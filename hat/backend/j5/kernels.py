@@ -76,6 +76,7 @@ def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride,
            accumulate: str, splits: int, relu: bool, multiplier: Optional[torch.Tensor],
            shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
            out_dtype: str) -> torch.Tensor:
+    """int8/int16 conv, exact integer accumulation, int32 bias, relu; requantized (or the int32 accumulator)."""
     compute = lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups)  # noqa: E731
     acc = _accumulate(compute, x, weight, 1, accumulate, splits)
     return _finish(acc, bias, 1, relu, multiplier, shift, acc_max, out_max, out_dtype)
@@ -84,6 +85,7 @@ def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride,
 def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, accumulate: str, splits: int, relu: bool,
            multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor],
            out_max: Optional[int], out_dtype: str) -> torch.Tensor:
+    """x @ W^T exactly in integers, int32 bias, relu; requantized (or the int32 accumulator)."""
     acc = _accumulate(F.linear, x, weight, -1, accumulate, splits)
     return _finish(acc, bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
@@ -122,15 +124,18 @@ def add(x: torch.Tensor, y: torch.Tensor, *, x_shift: int, x_sign: int, y_multip
 
 
 def mul(x: torch.Tensor, y: torch.Tensor, *, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    """x * y of two activations (broadcasting), requantized."""
     return requantize(x.long() * y.long(), multiplier, shift, out_dtype)
 
 
 def add_scalar(x: torch.Tensor, *, x_shift: int, constant: int, multiplier: int, shift: int,
                out_dtype: str) -> torch.Tensor:
+    """(x << x_shift) + constant, requantized: x + c on a scale of its own."""
     return requantize((x.long() << x_shift) + constant, multiplier, shift, out_dtype)
 
 
 def mul_scalar(x: torch.Tensor, *, sign: int, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    """x * c: the sign, then requantized to the output scale."""
     return requantize(x.long() * sign, multiplier, shift, out_dtype)
 
 
@@ -162,6 +167,7 @@ def add_steps(x: torch.Tensor, *, steps: int, negate: bool = False) -> torch.Ten
 
 
 def max_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, dilation, ceil_mode: bool) -> torch.Tensor:
+    """Max over windows: the integers keep their grid."""
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -173,10 +179,12 @@ def avg_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, multiplier: int
 
 
 def global_avg_pool(x: torch.Tensor, *, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
+    """Sum over H, W times 1/area as multiplier and shift."""
     return requantize(x.long().sum(dim=(-2, -1), keepdim=True), multiplier, shift, out_dtype)
 
 
 def resize_nearest(x: torch.Tensor, *, size=None, scale_factor=None) -> torch.Tensor:
+    """Nearest-neighbour resize: the integers keep their grid."""
     return F.interpolate(x.float(), size=size, scale_factor=scale_factor, mode="nearest").to(x.dtype)
 
 
@@ -227,7 +235,87 @@ def grid_sample(x: torch.Tensor, grid: torch.Tensor, *, grid_scale: torch.Tensor
     return ops.grid_sample(x, fixed, coord_shift, mode, padding_mode)
 
 
+def mean(x: torch.Tensor, *, dims: Sequence[int], keepdim: bool, multiplier: int, shift: int,
+         out_dtype: str) -> torch.Tensor:
+    """Integer sums over `dims` (int32 on the device) times 1/count as multiplier and shift."""
+    return requantize(x.long().sum(dim=list(dims), keepdim=keepdim), multiplier, shift, out_dtype)
+
+
+def extremum(x: torch.Tensor, y: torch.Tensor, *, minimum: bool, multipliers: Sequence[int], shifts: Sequence[int],
+             out_dtype: str) -> torch.Tensor:
+    """Both inputs requantized to the output scale, then their element-wise max (min when `minimum`)."""
+    a, b = (requantize(v.long(), m, n, out_dtype) for v, m, n in zip((x, y), multipliers, shifts))
+    return torch.minimum(a, b) if minimum else torch.maximum(a, b)
+
+
+# --- look-up tables (nonlinear element-wise ops; tables built at convert time by lut.py) ----------------------------
+def lookup(x: torch.Tensor, *, table: torch.Tensor, out_dtype: str) -> torch.Tensor:
+    """f by an exact table: one entry per integer of x's dtype, out = table[x - min(dtype)] (an int8 input)."""
+    return table[x.long() - torch.iinfo(x.dtype).min].to(TORCH_DTYPES[out_dtype])
+
+
+def segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tensor, index_multiplier: torch.Tensor,
+                   index_shift: torch.Tensor, index_bits: torch.Tensor, line_multiplier: torch.Tensor,
+                   line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, out_dtype: str) -> torch.Tensor:
+    """f by a segmented table (lut.segment_table; an int16 input), on the int16 grid, then (v + 128) >> 8 for an int8
+    output; odd f: f(|x|), the sign mirrored. 8 segments, each a fixed-point position of x,
+    p = ((x - origin) * multiplier + 2^(shift-1)) >> shift: left of points[0] and right of points[-1] a line,
+    y = line_offset + p (origin: that point); between points[i] and points[i+1] table i (origin points[i], `bits`
+    fractional bits), y = T[j] + ((T[j+1] - T[j]) * (p - j * 2^bits) + 2^(bits-1)) >> bits, j = min(p >> bits, 63).
+    A tensor with more elements than x's dtype has values is computed as that table (the same integers), indexed."""
+    params = dict(points=points, tables=tables, index_multiplier=index_multiplier, index_shift=index_shift,
+                  index_bits=index_bits, line_multiplier=line_multiplier, line_shift=line_shift,
+                  line_offset=line_offset, odd=odd, out_dtype=out_dtype)
+    low, high = torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max
+    if x.numel() <= high - low + 1:
+        return _segment_lookup(x.reshape(-1), **params).reshape(x.shape)
+    every = _segment_lookup(torch.arange(low, high + 1, device=x.device).to(x.dtype), **params)
+    return every.index_select(0, x.reshape(-1).long() - low).reshape(x.shape)
+
+
+def _segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tensor, index_multiplier: torch.Tensor,
+                    index_shift: torch.Tensor, index_bits: torch.Tensor, line_multiplier: torch.Tensor,
+                    line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, out_dtype: str) -> torch.Tensor:
+    """segment_lookup of a 1-d x. The segments share one array of entries: the tables, then one entry per line
+    (its offset, step 1, 0 bits: y = offset + p); each segment's position counts from its own first entry."""
+    v = x.long().abs() if odd else x.long()
+    d, (count, entries) = points.long(), tables.shape
+    zero = d[:1] * 0
+    lines = torch.arange(count * entries, count * entries + 2, device=d.device)
+    starts = torch.arange(count, device=d.device) * entries
+    first, last = torch.cat([lines[:1], starts, lines[1:]]), torch.cat([lines[:1], starts + entries - 1, lines[1:]])
+    multiplier = torch.cat([line_multiplier[:1], index_multiplier, line_multiplier[1:]]).long()
+    shift = torch.cat([line_shift[:1], index_shift, line_shift[1:]]).long()
+    bits = torch.cat([zero, index_bits.long(), zero])
+    origin = torch.cat([d[:1], d[:-1], d[-1:]])
+    constant = torch.bitwise_left_shift(first, bits + shift) + _half(shift) - origin * multiplier
+    entry_value = torch.cat([tables.reshape(-1).long(), line_offset.long()])
+    steps = F.pad(tables[:, 1:].long() - tables[:, :-1].long(), (0, 1))  # to the next entry; 0 after the last
+    entry_step = torch.cat([steps.reshape(-1), zero + 1, zero + 1])
+    segment = torch.bucketize(v, torch.cat([d[:-1], d[-1:] + 1]), right=True)  # 0: left line ... 7: right line
+    m, c, n, b, half, lo, hi = (t.index_select(0, segment) for t in (multiplier, constant, shift, bits, _half(bits),
+                                                                      first, last))
+    at = torch.bitwise_right_shift(v * m + c, n)
+    entry = torch.minimum(torch.maximum(torch.bitwise_right_shift(at, b), lo), hi)
+    fraction = at - torch.bitwise_left_shift(entry, b)
+    out = entry_value.index_select(0, entry) + torch.bitwise_right_shift(
+        entry_step.index_select(0, entry) * fraction + half, b)
+    out = out.clamp_(*J5.qrange(J5.lut_internal_dtype))
+    qmin, qmax = J5.qrange(out_dtype)
+    out_shift = J5.lut_output_shift(out_dtype)
+    if out_shift:
+        out = torch.bitwise_right_shift(out + (1 << (out_shift - 1)), out_shift).clamp_(qmin, qmax)
+    if odd:  # y(-x) = -y(x) exactly: |y| <= qmax
+        out = torch.where(x < 0, -out, out).clamp_(-qmax, qmax)
+    return out.to(TORCH_DTYPES[out_dtype])
+
+
+def _half(shift: torch.Tensor) -> torch.Tensor:
+    """2^(n-1), 0 for n = 0: what round half up adds before a right shift by n."""
+    return torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(shift), shift), 1)
+
+
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     f.__name__: f for f in (quantize, dequantize, conv2d, linear, add, mul, add_scalar, mul_scalar, cat, identity,
                             clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest, layout, index,
-                            concat, grid_sample)}
+                            concat, grid_sample, mean, extremum, lookup, segment_lookup)}

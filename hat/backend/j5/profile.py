@@ -58,6 +58,9 @@ class Profile:
     max_shift: int = 31
     add_max_shift: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({"qint8": 23, "qint16": 15}))
     lut_internal_dtype: str = "qint16"  # sigmoid/tanh/exp tables; an int8 result is (v + 128) >> 8
+    lut_tables: int = 6  # segmented table (int16 input): 6 tables between 7 dividing points, a line at each end
+    lut_table_entries: int = 64  # entries per table (the vendor's num_entries_per_table)
+    lut_max_index_bits: int = 15  # fractional bits of a table index: entry difference * fraction stays in int32
     conv: ConvLimits = field(default_factory=ConvLimits)
     tensor: TensorLimits = field(default_factory=TensorLimits)
     grid_sample: GridSampleLimits = field(default_factory=GridSampleLimits)
@@ -67,6 +70,13 @@ class Profile:
             return QRANGES[dtype]
         except KeyError:
             raise ValueError(f"unknown quantized dtype '{dtype}'; use one of {', '.join(QRANGES)}") from None
+
+    def lut_output_shift(self, out_dtype: str) -> int:
+        """Right shift from the internal table grid to out_dtype's: 8 for qint8 ((v + 128) >> 8), 0 for qint16."""
+        ratio = (self.qrange(self.lut_internal_dtype)[1] + 1) // (self.qrange(out_dtype)[1] + 1)
+        if out_dtype not in self.activation_dtypes or ratio < 1:
+            raise ValueError(f"a table's output is one of {', '.join(self.activation_dtypes)}, not '{out_dtype}'")
+        return ratio.bit_length() - 1
 
     def scale_divisor(self, dtype: str) -> float:
         """scale = max(|min|, |max|) / divisor; (qmax - qmin) / 2, so 127.5 for qint8."""

@@ -23,7 +23,7 @@ import torch
 
 from hat.backend.j5 import kernels
 from hat.backend.j5.kernels import KERNELS, LAYOUT_METHODS, accumulate_plan
-from hat.backend.j5.profile import QRANGES, TORCH_DTYPES, get_profile
+from hat.backend.j5.profile import QRANGES, TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF
 
 MAX_RANK = 8  # dims of a program's tensors (hat's ops use at most 5)
@@ -131,15 +131,37 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
         "max_pool2d": {"kernel_size": window, "stride": window, "padding": pad, "dilation": window},
         "avg_pool2d": {"kernel_size": window, "stride": window, "padding": pad, **requantized},
         "global_avg_pool": requantized,
+        "mean": {**requantized, "dims": dict(kind="ints", low=1, high=MAX_RANK - 1)},
+        "extremum": {"multipliers": dict(multiplier, per_input=True), "shifts": dict(shift, per_input=True),
+                     "out_dtype": dict(choices=tuple(QRANGES))},
         "resize_nearest": {"size": dict(window, optional=True),
                            "scale_factor": dict(kind="floats", low=_POSITIVE, high=tensor.max_hwc, optional=True)},
         "layout": {"method": dict(choices=LAYOUT_METHODS), "args": dict(kind="layout_args", **layout_ints),
                    "kwargs": dict(kind="layout_kwargs", **layout_ints)},
         "index": {"items": dict(kind="index", low=-tensor.max_bytes, high=tensor.max_bytes)},
         "concat": {"dim": dim},
+        "lookup": {"table": dict(dtypes=_INTS, low=-2**31, high=2**31 - 1), "out_dtype": dict(choices=tuple(QRANGES))},
+        "segment_lookup": _segmented_ranges(p),
         "grid_sample": {"grid_scale": scale, "coord_shift": dict(low=0, high=grid.max_coord_shift),
                         "mode": dict(choices=grid.modes), "padding_mode": dict(choices=grid.padding_modes)},
     }
+
+
+def _segmented_ranges(p: Profile) -> dict[str, dict[str, Any]]:
+    """segment_lookup's parameters: dividing points on the widest input grid, int16 entries on the internal grid,
+    int16 multipliers and shifts as in requantization, line offsets in the accumulator."""
+    widest = max(p.activation_dtypes, key=lambda dtype: p.qrange(dtype)[1])
+    small = (TORCH_DTYPES[widest],)
+    (in_low, in_high), (lut_low, lut_high) = p.qrange(widest), p.qrange(p.lut_internal_dtype)
+    shift = dict(dtypes=small, low=0, high=p.max_shift)
+    return {"points": dict(dtypes=small, low=in_low, high=in_high),
+            "tables": dict(dtypes=(TORCH_DTYPES[p.lut_internal_dtype],), low=lut_low, high=lut_high),
+            "index_multiplier": dict(dtypes=small, low=1, high=p.multiplier_max), "index_shift": shift,
+            "index_bits": dict(dtypes=small, low=0, high=p.lut_max_index_bits),
+            "line_multiplier": dict(dtypes=small, low=-p.multiplier_max, high=p.multiplier_max), "line_shift": shift,
+            "line_offset": dict(dtypes=(TORCH_DTYPES[p.accumulator_dtype],), low=p.qrange(p.accumulator_dtype)[0],
+                                high=p.qrange(p.accumulator_dtype)[1]),
+            "out_dtype": dict(choices=p.activation_dtypes)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,7 +349,41 @@ def _weighted(rank: int) -> Callable[[dict], Optional[str]]:
     return check
 
 
-RELATIONS: dict[str, Callable[[dict], Optional[str]]] = {"conv2d": _weighted(4), "linear": _weighted(2)}
+def _exact_table(params: dict) -> Optional[str]:
+    table = params["table"]
+    if list(table.shape) != [256]:
+        return f"parameter 'table' has shape {list(table.shape)}; an exact table of an int8 input has 256 entries"
+    return None
+
+
+def _segmented(p: Profile) -> Callable[[dict], Optional[str]]:
+    """segment_lookup: the profile's table count and size, rising dividing points, and each table's index map
+    ending on its last entry (within half an entry) at the next point."""
+    count, entries = p.lut_tables, p.lut_table_entries
+    shapes = {"points": [count + 1], "tables": [count, entries], "index_multiplier": [count], "index_shift": [count],
+              "index_bits": [count], "line_multiplier": [2], "line_shift": [2], "line_offset": [2]}
+
+    def check(params: dict) -> Optional[str]:
+        for name, shape in shapes.items():
+            if list(params[name].shape) != shape:
+                return f"parameter '{name}' has shape {list(params[name].shape)}; a segmented table takes {shape}"
+        widths = params["points"].long().diff()
+        if bool((widths <= 0).any()):
+            return f"parameter 'points' is {params['points'].tolist()}; dividing points rise strictly"
+        shift, bits = params["index_shift"].long(), params["index_bits"].long()
+        end = torch.bitwise_right_shift(widths * params["index_multiplier"].long() + ((1 << shift) >> 1), shift)
+        miss = (2 * (end - ((entries - 1) << bits)).abs() > (1 << bits)).nonzero().flatten().tolist()
+        if miss:
+            return (f"the index map of table {miss[0]} (index_multiplier, index_shift, index_bits) does not end on "
+                    f"its last entry at the next dividing point")
+        return None
+
+    return check
+
+
+RELATIONS: dict[str, Callable[[dict], Optional[str]]] = {"conv2d": _weighted(4), "linear": _weighted(2),
+                                                         "lookup": _exact_table,
+                                                         "segment_lookup": _segmented(get_profile("bayes"))}
 
 
 def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
@@ -339,7 +395,17 @@ def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
     return None
 
 
-INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"grid_sample": _grid_sample_inputs}
+def _int8_input(x: torch.Tensor) -> Optional[str]:
+    return None if x.dtype == torch.int8 else f"input is {str(x.dtype).replace('torch.', '')}; this op takes int8"
+
+
+def _activation_input(x: torch.Tensor) -> Optional[str]:
+    return None if x.dtype in (torch.int8, torch.int16) else (
+        f"input is {str(x.dtype).replace('torch.', '')}; this op takes int8 or int16")
+
+
+INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
+                                                         "segment_lookup": _activation_input}
 
 
 def check_inputs(op: str, inputs: list[torch.Tensor]) -> Optional[str]:

@@ -1,0 +1,106 @@
+"""Look-up-table accuracy and speed: every op of hat/quant/optable.OPS as J5 integer tables, against f in float64.
+
+python benchmarks/lut_accuracy.py [--repeats 50]
+Per op: the largest and mean error in output LSBs over every input integer of the int8 exact table (int8 in, int8
+out) and of the segmented table (int16 in, int16 out and int8 out; --splits for the dividing-point rules), the
+error measured against f(q * s_in) / s_out before rounding, saturated, NaN -> 0. Then the time of
+kernels.segment_lookup on a 1x64x56x56 int16 tensor against kernels.requantize of the same tensor. Prints Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hat.backend.j5 import kernels, lut  # noqa: E402
+from hat.backend.j5.profile import J5  # noqa: E402
+from hat.quant.optable import OPS, reference  # noqa: E402
+
+# op -> (input amax, output amax): scale = amax / J5.scale_divisor(dtype) (the same as tests/backend/test_lut.py)
+RANGES = {"sigmoid": (8, 1), "tanh": (8, 1), "silu": (8, 8), "hardswish": (8, 8), "hardsigmoid": (8, 1),
+          "gelu": (8, 8), "gelu_tanh": (8, 8), "exp": (8, 8), "log": (8, 8), "reciprocal": (8, 16),
+          "sqrt": (8, 8 ** 0.5), "rsqrt": (8, 16), "pow": (8, 64), "leaky_relu": (8, 8), "elu": (8, 8),
+          "softplus": (8, 8), "mish": (8, 8)}
+
+
+def error(op, q: torch.Tensor, y: torch.Tensor, s_in: float, s_out: float, out_dtype: str) -> tuple[float, float]:
+    """(max, mean) of |y - f(q s_in) / s_out| in output LSBs, the ideal saturated and NaN -> 0."""
+    qmin, qmax = J5.qrange(out_dtype)
+    ideal = torch.nan_to_num(reference(op, q.double() * s_in) / s_out, nan=0.0, posinf=qmax, neginf=qmin)
+    e = (y.double() - ideal.clamp(qmin, qmax)).abs()
+    return float(e.max()), float(e.mean())
+
+
+def scales(op, in_dtype: str, out_dtype: str) -> tuple[float, float]:
+    in_amax, out_amax = RANGES[op.name]
+    return in_amax / J5.scale_divisor(in_dtype), out_amax / J5.scale_divisor(out_dtype)
+
+
+def exact(op) -> tuple[float, float]:
+    q = torch.arange(-128, 128, dtype=torch.int8)
+    s_in, s_out = scales(op, "qint8", "qint8")
+    table = lut.exact_table(lambda x: reference(op, x), s_in, "qint8", s_out, "qint8")
+    return error(op, q, kernels.lookup(q, table=table, out_dtype="qint8"), s_in, s_out, "qint8")
+
+
+def segmented(op, out_dtype: str, split: str) -> tuple[float, float]:
+    q = torch.arange(-32768, 32768, dtype=torch.int16)
+    s_in, s_out = scales(op, "qint16", out_dtype)
+    params = lut.segment_table(lambda x: reference(op, x), s_in, "qint16", s_out, out_dtype, odd=op.odd, split=split)
+    return error(op, q, kernels.segment_lookup(q, **params), s_in, s_out, out_dtype)
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median, min) milliseconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def cpu_model() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--splits", nargs="+", default=["minimax", "evenly", "curvature"], choices=lut.SPLITS)
+    args = parser.parse_args()
+    head = ["op", "int8 exact max/mean"] + [f"int16->{o} {s} max/mean" for s in args.splits for o in ("int16", "int8")]
+    print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for op in OPS:
+        cells = [op.name, "%.2f / %.3f" % exact(op)]
+        cells += ["%.2f / %.3f" % segmented(op, o, s) for s in args.splits for o in ("qint16", "qint8")]
+        print("| " + " | ".join(cells) + " |")
+    x = torch.randint(-32768, 32768, (1, 64, 56, 56), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
+    s_in, s_out = 8 / J5.scale_divisor("qint16"), 1 / J5.scale_divisor("qint16")
+    params = lut.segment_table(torch.sigmoid, s_in, "qint16", s_out, "qint16")
+    lookup = timed(lambda: kernels.segment_lookup(x, **params), args.repeats)
+    requantize = timed(lambda: kernels.requantize(x, 20000, 15, "qint16"), args.repeats)
+    small = x.reshape(-1)[:65536]
+    direct = timed(lambda: kernels.segment_lookup(small, **params), args.repeats)
+    print(f"\n{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; 1x64x56x56 int16 "
+          f"(median / min of {args.repeats}):")
+    print(f"- segment_lookup: {lookup[0]:.2f} / {lookup[1]:.2f} ms")
+    print(f"- requantize: {requantize[0]:.2f} / {requantize[1]:.2f} ms (ratio of medians "
+          f"{lookup[0] / requantize[0]:.1f}x)")
+    print(f"- segment_lookup on 65536 elements (computed directly, no expansion): {direct[0]:.2f} / {direct[1]:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
