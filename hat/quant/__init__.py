@@ -2,9 +2,10 @@
 
 Public names follow ../shared/DESIGN.md (users come from PyTorch's quantization API and the reference toolchain).
 """
-from hat.quant import functional
+from hat.quant import functional, reductions  # noqa: F401  (reductions registers QTensor ops)
 from hat.quant.compare import compare
 from hat.quant.convert import convert
+from hat.quant.elementwise import ElementwiseOp
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize, set_fake_quant_state
 from hat.quant.fuse import fuse_modules
 from hat.quant.fx import convert_fx, prepare_qat_fx
@@ -23,4 +24,4 @@ __all__ = ["QTensor", "QuantizationError", "QuantStub", "DeQuantStub", "FloatFun
            "MovingAveragePerChannelMinMaxObserver", "FakeQuantize", "LSQFakeQuantize", "PACTFakeQuantize",
            "QConfig", "get_default_qat_qconfig", "get_default_qat_out_qconfig", "resolve_qconfigs", "qconfig_report",
            "set_march", "get_march", "fuse_modules", "prepare_qat", "prepare_qat_fx", "set_fake_quant_state",
-           "freeze_bn", "convert", "convert_fx", "compare", "functional"]
+           "freeze_bn", "convert", "convert_fx", "compare", "functional", "ElementwiseOp"]

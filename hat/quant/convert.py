@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from hat.quant import elementwise
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize
 from hat.quant.qtensor import QuantizationError
 
@@ -32,7 +33,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         if quantized is not None:
             if not name:
                 raise ValueError("convert: the model itself is a QAT layer; convert the model that contains it")
-            quantized.hat_name = name
+            quantized.hat_name = getattr(module, "hat_name", "") or name
             replace_module(model, name, quantized)
             swapped.append(name)
     return model.eval()
@@ -54,4 +55,4 @@ def _quantized_module(module: nn.Module):
         out_scale, out_dtype = (fq.current_scale(), fq.dtype) if fq is not None else (None, "qint32")
         return cls(module.layer, weight, bias, module.weight_fake_quant.current_scale(), out_scale, out_dtype,
                    module.activation)
-    return None
+    return elementwise.quantized_module(module)

@@ -7,8 +7,11 @@ handles them (FAQ 2.3 Q10, 2.4 Q11-Q13).
 """
 from __future__ import annotations
 
+import inspect
 import operator
+import re
 import traceback
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,15 +19,25 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from hat.quant import optable
 from hat.quant.convert import convert
+from hat.quant.elementwise import ElementwiseOp
 from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer, replace_module
 from hat.quant.prepare import copy_model, prepare_qat
 from hat.quant.qtensor import QuantizationError
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
+def _is_method(f: Any) -> bool:
+    return getattr(torch.Tensor, getattr(f, "__name__", ""), None) is f
+
+
 _BINARY = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
            torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul"}
+_EXTREMA = {torch.maximum: "maximum", torch.max: "maximum", torch.minimum: "minimum", torch.min: "minimum"}
 _FUNCTIONAL_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_ELEMENTWISE_FUNCTIONS = {f: op for op in optable.OPS for f in op.functions if not _is_method(f)}
+_ELEMENTWISE_FUNCTIONS[F.gelu] = optable.BY_NAME["gelu"]
+_ELEMENTWISE_METHODS = {f.__name__: op for op in optable.OPS for f in op.functions if _is_method(f)}
 
 
 def call_float_functional(module: FloatFunctional, method: str, *args):
@@ -50,6 +63,7 @@ def quant_friendly(model: nn.Module, example_inputs: Sequence[torch.Tensor], stu
     if stubs:
         _add_stubs(gm)
     _fuse(gm)
+    _rewrite_elementwise(gm)
     _rewrite_tensor_arithmetic(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -63,8 +77,11 @@ def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True  # so messages can name the user's line of a rewritten call
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(tracer.root if hasattr(tracer, "root") else model, tracer.trace(model),
+                              type(model).__name__)
     except fx.proxy.TraceError as exc:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
         where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "the model's forward"
@@ -131,8 +148,78 @@ def _activation_of(node: fx.Node, modules: dict) -> Optional[str]:
     return None
 
 
+def _elementwise_call(node: fx.Node) -> Optional[tuple[str, dict[str, Any]]]:
+    """(table op name, arguments) when `node` calls a function or Tensor method of the op table on a tensor."""
+    if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+        op = _ELEMENTWISE_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+        op = _ELEMENTWISE_METHODS[node.target]
+    elif node.op in ("call_function", "call_method") and node.target in (operator.pow, torch.pow, "pow") \
+            and len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs:
+        return "pow", {"exponent": float(node.args[1])}
+    else:
+        return None
+    if not node.args or not _is_tensor(node.args[0]):
+        return None
+    bound = _bind(node, op)
+    if op.name == "gelu":
+        return optable.gelu_entry(bound.pop("approximate", "none")).name, {}
+    return op.name, {k: v for k, v in bound.items() if k in op.arguments}
+
+
+def _bind(node: fx.Node, op: optable.Elementwise) -> dict[str, Any]:
+    """The call's arguments after x, by name (positional ones named through the function's signature)."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    kwargs.pop("inplace", None)
+    if not rest:
+        return kwargs
+    try:
+        signature = inspect.signature(node.target if callable(node.target) else getattr(torch.Tensor, node.target))
+        bound = signature.bind(*node.args, **kwargs).arguments
+    except (TypeError, ValueError):
+        raise QuantizationError(f"prepare_qat_fx: {op.name} called with positional arguments {rest} in "
+                                f"{_where(node)}; pass them by name") from None
+    bound.pop(next(iter(bound)))  # x
+    bound.pop("inplace", None)
+    return bound
+
+
+def _where(node: fx.Node) -> str:
+    """Where the user wrote `node`: 'file.py:12: y = a + b' (the last frame of its stack trace)."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+(?:\n {3,}(?!File)(.*))?', node.meta.get("stack_trace") or "")
+    user = [frame for frame in frames if "/torch/" not in frame[0]]
+    if not user:
+        return "the forward"
+    path, line, code = user[-1]
+    return f"{Path(path).name}:{line}" + (f": {code.strip()}" if code.strip() else "")
+
+
+def _from_source(module: nn.Module, node: fx.Node) -> nn.Module:
+    """A module standing for the user's call `node`: messages about it name the user's line, not its own name."""
+    module.hat_source = _where(node)
+    return module
+
+
+def _rewrite_elementwise(gm: fx.GraphModule) -> None:
+    """torch.sigmoid(x), F.silu(x), x.exp(), x ** 2, F.gelu(x, approximate=...) ... -> ElementwiseOp modules, which
+    prepare_qat gives an output fake quant (the table op needs an observed output scale)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        found = _elementwise_call(node)
+        if found is None:
+            continue
+        name, arguments = found
+        target = f"{node.name}_lut"
+        gm.add_submodule(target, _from_source(ElementwiseOp(name, **arguments), node))
+        with graph.inserting_before(node):
+            replacement = graph.call_module(target, (node.args[0],))
+        replacement.meta = node.meta
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+
 def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
-    """Tensor-tensor add/sub/mul/cat -> FloatFunctional calls. An operand computed from the model's own tensors
+    """Tensor-tensor add/sub/mul/cat/maximum/minimum -> FloatFunctional calls. An operand computed from the model's own tensors
     only (a parameter or buffer such as the FAQ's epsilon, not the input) gets its own QuantStub first: the
     FAQ 2.3 Q10 fix, done for the user."""
     graph = gm.graph
@@ -159,9 +246,11 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         if node.target in _BINARY and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
             if node.kwargs:
                 raise QuantizationError(f"prepare_qat_fx: {node.target.__name__}(..., {', '.join(node.kwargs)}=...) "
-                                        f"in {node.meta.get('stack_trace', 'the forward').strip().splitlines()[-1]}"
+                                        f"in {_where(node)}"
                                         f" is not supported; write it with plain operators (x + alpha * y)")
             method, args = _BINARY[node.target], node.args
+        elif node.target in _EXTREMA and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
+            method, args = _EXTREMA[node.target], node.args
         elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
                 and all(_is_tensor(a) for a in node.args[0]):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
@@ -169,7 +258,7 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         else:
             continue
         name = f"{node.name}_float_functional"
-        gm.add_submodule(name, FloatFunctional())
+        gm.add_submodule(name, _from_source(FloatFunctional(), node))
         args = tuple([quantized(a) for a in arg] if isinstance(arg, list) else quantized(arg) for arg in args)
         with graph.inserting_before(node):
             module = graph.get_attr(name)

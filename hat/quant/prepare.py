@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from hat.quant import elementwise
 from hat.quant.fake_quantize import set_fake_quant_state
 from hat.quant.fuse import FusedLayer, find_sequential_groups, fuse_modules, replace_module
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub
@@ -35,7 +36,8 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
             continue
         qat = _qat_module(module, qconfigs[name])
         if qat is not None:
-            qat.hat_name = name
+            source = getattr(module, "hat_source", None)  # a module prepare_qat_fx made for a user's call
+            qat.hat_name = f"{name} ({source})" if source else name
             replace_module(model, name, qat)
             swapped.append(name)
     set_fake_quant_state(model, "qat")
@@ -53,7 +55,7 @@ def _qat_module(module: nn.Module, qconfig: QConfig) -> Optional[nn.Module]:
         return QATDeQuantStub()
     if isinstance(module, FloatFunctional):
         return QATFloatFunctional(qconfig)
-    return None
+    return elementwise.qat_module(module, qconfig)
 
 
 def _refuse_subclassed_layers(model: nn.Module, qconfigs: dict) -> None:

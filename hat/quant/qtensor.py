@@ -20,6 +20,7 @@ from hat.backend.j5 import kernels, trace
 from hat.backend.j5.arith import multiplier_and_shift, round_half_up
 from hat.backend.j5.profile import TORCH_DTYPES
 from hat.errors import HatError
+from hat.quant import optable
 from hat.quant.march import current_profile
 
 _HANDLERS: dict[Callable, Callable] = {}
@@ -161,17 +162,23 @@ class QTensor:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         handler = _HANDLERS.get(func)
+        if handler is None and func in _TABLE_FUNCTIONS:
+            raise _needs_module(_TABLE_FUNCTIONS[func])
         if handler is None:
             name = getattr(func, "__name__", str(func))
+            producer = next((a.producer for a in args if isinstance(a, QTensor) and a.producer), "?")
             raise QuantizationError(
-                f"{name} is not supported on a QTensor. Supported: {', '.join(supported_ops())}. Either "
-                f"compute it in float (DeQuantStub before, QuantStub after) or use a FloatFunctional method")
+                f"{name} is not supported on a QTensor (it gets the output of module '{producer}'). Supported: "
+                f"{', '.join(supported_ops())}. Either compute it in float (DeQuantStub before, QuantStub after) "
+                f"or use a FloatFunctional method")
         return handler(*args, **(kwargs or {}))
 
     def __getattr__(self, name: str):
         method = getattr(torch.Tensor, name, None)
         if method in _HANDLERS:
             return lambda *args, **kwargs: _HANDLERS[method](self, *args, **kwargs)
+        if method in _TABLE_FUNCTIONS:
+            raise _needs_module(_TABLE_FUNCTIONS[method])
         if method is not None and not name.startswith("_"):
             raise QuantizationError(f"Tensor.{name} is not supported on a QTensor (from '{self.producer or '?'}'). "
                                     f"Supported: {', '.join(supported_ops())}. Compute it in float (DeQuantStub "
@@ -184,6 +191,17 @@ def _needs_float_functional(symbol: str, method: str) -> QuantizationError:
         f"'{symbol}' between a QTensor and a tensor needs an output scale, which only a module can learn: use "
         f"self.f = FloatFunctional() in __init__ and self.f.{method}(x, y) in forward, or prepare the model with "
         f"prepare_qat_fx, which rewrites it for you")
+
+
+def _needs_module(op: optable.Elementwise) -> QuantizationError:
+    module = f"nn.{op.modules[0].__name__}()" if op.modules else f"hat.quant.ElementwiseOp('{op.name}')"
+    return QuantizationError(
+        f"{op.name} on a QTensor is a look-up table whose output scale only a module can learn: hold {module} in "
+        f"__init__ and call it in forward (prepare_qat gives it an output fake quant), or prepare the model with "
+        f"prepare_qat_fx, which rewrites the call for you")
+
+
+_TABLE_FUNCTIONS = {f: op for op in optable.OPS for f in op.functions}
 
 
 def supported_ops() -> list[str]:

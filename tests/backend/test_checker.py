@@ -124,8 +124,9 @@ def test_conv_dequant_conv_names_the_stub():
 
 
 def test_an_unsupported_op_is_named_with_the_alternatives():
-    route = lambda net, x: net.dequant(torch.sigmoid(net.layers[0](x)))  # noqa: E731
-    with pytest.raises(quant.QuantizationError, match="sigmoid is not supported on a QTensor. Supported:"):
+    route = lambda net, x: net.dequant(torch.sin(net.layers[0](x)))  # noqa: E731
+    with pytest.raises(quant.QuantizationError, match=r"sin is not supported on a QTensor \(it gets the output of "
+                                                      r"module 'layers.0'\)\. Supported:"):
         _report(Net(nn.Conv2d(3, 4, 3), route=route), (3, 8, 8))
 
 

@@ -61,5 +61,6 @@ def test_two_qtensors_need_a_float_functional():
 
 def test_unsupported_op_lists_what_is_supported():
     qat, _ = _pair()
-    with pytest.raises(QuantizationError, match=r"sigmoid is not supported on a QTensor\. Supported: .*relu"):
-        torch.sigmoid(qat)
+    with pytest.raises(QuantizationError, match=r"sin is not supported on a QTensor \(it gets the output of module "
+                                                r"'.*'\)\. Supported: .*relu"):
+        torch.sin(qat)

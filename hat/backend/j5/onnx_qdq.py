@@ -157,6 +157,24 @@ def _layout(g: _Graph, node: Node, params: dict) -> None:
         g.float_values.add(out)
 
 
+def _lookup(g: _Graph, node: Node, params: dict) -> None:
+    """The exact table as a Gather on (int8 x + 128): bit-exact with the program."""
+    index = g.op("Add", [g.op("Cast", [node.inputs[0]], to=6), g.const(np.int32(128))])  # 6: TensorProto.INT32
+    g.op("Gather", [g.const(params["table"].numpy()), index], node.output, axis=0)
+
+
+def _segment_lookup(g: _Graph, node: Node, params: dict) -> None:
+    """Segmented tables: f itself in float ONNX operators (the op the quantized module computes), quantized."""
+    module = g.modules.get(node.module)
+    op = getattr(module, "op", None)
+    if op is None or op.onnx is None:
+        name = getattr(op, "name", "this op")
+        raise OnnxExportError(f"module '{node.module}': {name} with a {g.program.values[node.inputs[0]].dtype} "
+                              f"input has no ONNX form here; give its input an int8 qconfig (an exact table, "
+                              f"exported as a Gather) or export the QAT model with export_to_onnx")
+    g.quantized(op.onnx(g, g.dequantized(node.inputs[0]), module.arguments), node.output)
+
+
 _TRANSLATIONS = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _weighted, "linear": _weighted,
     "add": _float_op(lambda g, xs, node, p: g.op("Add", [g.op("Mul", [xs[0], g.const(np.float32(p["x_sign"]))]),
@@ -164,6 +182,9 @@ _TRANSLATIONS = {
     "mul": _float_op(lambda g, xs, node, p: g.op("Mul", xs)),
     "cat": _float_op(lambda g, xs, node, p: g.op("Concat", xs, axis=p["dim"])),
     "global_avg_pool": _float_op(lambda g, xs, node, p: g.op("GlobalAveragePool", xs)),
+    "mean": _float_op(lambda g, xs, node, p: g.op("ReduceMean", [xs[0], g.const(np.asarray(p["dims"], np.int64))],
+                                                  keepdims=int(p["keepdim"]))),
+    "extremum": _float_op(lambda g, xs, node, p: g.op("Min" if p["minimum"] else "Max", xs)),
     "avg_pool2d": _float_op(lambda g, xs, node, p: g.op("AveragePool", xs, kernel_shape=_pair(p["kernel_size"]),
                                                         strides=_pair(p["stride"] or p["kernel_size"]),
                                                         pads=_pair(p["padding"]) * 2, count_include_pad=1)),
@@ -172,6 +193,6 @@ _TRANSLATIONS = {
                               pads=lambda p: _pair(p["padding"]) * 2, dilations=lambda p: _pair(p["dilation"]),
                               ceil_mode=lambda p: int(p["ceil_mode"])),
     "identity": _integer_op("Identity"), "concat": _integer_op("Concat", axis=lambda p: p["dim"]),
-    "layout": _layout,
+    "layout": _layout, "lookup": _lookup, "segment_lookup": _segment_lookup,
 }
 
