@@ -73,6 +73,12 @@ class QATFloatFunctional(FunctionalMethods, _Named):
     def _cat(self, tensors: Sequence, dim: int = 0):
         return self._output(self.activation_post_process, torch.cat([self._input(t) for t in tensors], dim))
 
+    def _maximum(self, x, y):
+        return self._output(self.activation_post_process, torch.maximum(self._input(x), self._input(y)))
+
+    def _minimum(self, x, y):
+        return self._output(self.activation_post_process, torch.minimum(self._input(x), self._input(y)))
+
 
 class _QATWeighted(_Named):
     def __init__(self, fused: FusedLayer, qconfig: QConfig):

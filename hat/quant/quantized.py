@@ -99,7 +99,7 @@ class QuantizedLinear(_QuantizedWeighted):
 
 
 class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
-    """add/sub/mul/cat/scalar ops on integers, each ending in one requantization to the observed output scale.
+    """add/sub/mul/cat/maximum/minimum/scalar ops on integers, each ending in one requantization to the observed output scale.
 
     add (public J5 form): acc = (x << shift) + y * qscale with an int16 qscale = round(s_y * 2^shift / s_x),
     x being the operand with the larger scale; then requantize acc (scale s_x / 2^shift) to the output scale.
@@ -156,10 +156,26 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
 
     def _cat(self, tensors, dim: int = 0):
         tensors = self._qinputs(*tensors)
+        return apply("cat", tensors, {"dim": dim, **self._to_output_grid(tensors)}, self.out_scale, self.out_dtype,
+                     self.hat_name)
+
+    def _maximum(self, x, y):
+        return self._extremum(x, y, minimum=False)
+
+    def _minimum(self, x, y):
+        return self._extremum(x, y, minimum=True)
+
+    def _extremum(self, x, y, minimum: bool) -> QTensor:
+        """Both operands requantized to the output scale, then the element-wise max (or min)."""
+        tensors = self._qinputs(x, y)
+        params = {"minimum": minimum, **self._to_output_grid(tensors)}
+        return apply("extremum", tensors, params, self.out_scale, self.out_dtype, self.hat_name)
+
+    def _to_output_grid(self, tensors: list[QTensor]) -> dict:
+        """Each input's multiplier and shift onto the output scale."""
         pairs = [multiplier_and_shift(t.scale.double() / self.out_scale.double()) for t in tensors]
-        params = {"dim": dim, "multipliers": [int(m) for m, _ in pairs], "shifts": [int(n) for _, n in pairs],
-                  "out_dtype": self.out_dtype}
-        return apply("cat", tensors, params, self.out_scale, self.out_dtype, self.hat_name)
+        return {"multipliers": [int(m) for m, _ in pairs], "shifts": [int(n) for _, n in pairs],
+                "out_dtype": self.out_dtype}
 
 
 def _layer_args(layer: nn.Module) -> dict:

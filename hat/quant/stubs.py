@@ -26,7 +26,7 @@ class DeQuantStub(nn.Module):
 
 
 class FunctionalMethods:
-    """add/sub/mul/add_scalar/mul_scalar/cat as methods that go through the module call, so forward hooks
+    """add/sub/mul/add_scalar/mul_scalar/cat/maximum/minimum as methods that go through the module call, so forward hooks
     (quant.compare, user hooks) see them; subclasses implement `_add`, `_sub`, ...; `forward(op, *args)`."""
 
     def add(self, x, y):
@@ -46,6 +46,12 @@ class FunctionalMethods:
 
     def cat(self, tensors: Sequence, dim: int = 0):
         return self("cat", list(tensors), dim)
+
+    def maximum(self, x, y):
+        return self("maximum", x, y)
+
+    def minimum(self, x, y):
+        return self("minimum", x, y)
 
     def forward(self, op: str, *args):
         return getattr(self, f"_{op}")(*args)
@@ -71,3 +77,9 @@ class FloatFunctional(FunctionalMethods, nn.Module):
 
     def _cat(self, tensors: Sequence, dim: int = 0):
         return torch.cat(tensors, dim)
+
+    def _maximum(self, x, y):
+        return torch.maximum(x, y)
+
+    def _minimum(self, x, y):
+        return torch.minimum(x, y)
