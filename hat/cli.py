@@ -1,5 +1,5 @@
-"""What the tools do (train, predict, check_model, export_onnx, zoo, check_env), callable from Python; each tool is a
-two-line wrapper."""
+"""What the tools do (train, predict, check_model, export_onnx, zoo, check_env, ops_doc), callable from Python; each
+tool is a two-line wrapper."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,30 @@ def export_onnx_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def check_env_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_check_env, argv)
+
+
+def ops_doc_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_ops_doc, argv)
+
+
+OPS_DOC = Path(__file__).resolve().parent.parent / "docs" / "ops.md"
+
+
+def _ops_doc(argv: Optional[Sequence[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="ops_doc.py", description="Write docs/ops.md from the operator table.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/ops.md is not up to date")
+    args = parser.parse_args(argv)
+    from hat.quant.ops_doc import ops_markdown
+
+    text = ops_markdown()
+    if args.check:
+        current = OPS_DOC.read_text() if OPS_DOC.is_file() else ""
+        print(f"{OPS_DOC}: {'up to date' if current == text else 'stale: run python tools/ops_doc.py'}")
+        return 0 if current == text else 1
+    OPS_DOC.parent.mkdir(exist_ok=True)
+    OPS_DOC.write_text(text)
+    print(f"wrote {OPS_DOC}")
+    return 0
 
 
 def _check_env(argv: Optional[Sequence[str]]) -> int:

@@ -92,3 +92,10 @@ def test_calibrating_the_checkpoint_of_another_architecture_is_one_line(tmp_path
                               f"loading state_dict"), err
     assert err[-1].endswith("use the config it was trained with, or rerun --stage float")
     assert not (tmp_path / "calibration").exists()
+
+
+def test_docs_ops_md_is_generated_from_the_op_table(capsys):
+    from hat.cli import ops_doc_main
+
+    assert ops_doc_main(["--check"]) == 0, "docs/ops.md is stale: run python tools/ops_doc.py"
+    assert "up to date" in capsys.readouterr().out
