@@ -14,6 +14,12 @@ def RandomCrop(size: int, padding: int = 0) -> v2.RandomCrop:
 
 
 @register(kind="transform")
+def Resize(size: int) -> v2.Resize:
+    """Bilinear resize to size x size (e.g. 8x8 digits for a network built for 32x32 inputs)."""
+    return v2.Resize((size, size), antialias=True)
+
+
+@register(kind="transform")
 def RandomHorizontalFlip(p: float = 0.5) -> v2.RandomHorizontalFlip:
     return v2.RandomHorizontalFlip(p)
 
