@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hat  # noqa: E402,F401  (registration)
 from hat.config import STAGE_ORDER, load_config  # noqa: E402
 from hat.engine.stages import run_stage  # noqa: E402
 

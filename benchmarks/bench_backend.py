@@ -7,7 +7,7 @@ prog.run(x), under torch.inference_mode, interleaved in rounds (order alternatin
 and of per-round ratios. Models: convnet_base (1x28x28, batch 256, prepare_qat of its deploy model) and
 torchvision's resnet18(num_classes=10) (3x32x32, batch 64, prepare_qat_fx). Also: backend.compile of ResNet-18,
 its op count, .hir save / load time and file size; prog.run(x) == qm(x) exactly (also after load).
---breakdown times each kernel (hat.backend.j5.kernels.KERNELS) inside prog.run and qm(x), and each torch function
+--breakdown times each kernel (hat.integer.kernels.KERNELS) inside prog.run and qm(x), and each torch function
 inside the conv2d and linear kernels. Like every hat stage (trainer.keep_freed_memory), the process keeps freed
 memory for reuse; --glibc-default measures with the C library's default (each large tensor a fresh mmap, page-faulted
 in on every call).
@@ -27,7 +27,7 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 
 from hat import backend
-from hat.backend.j5 import kernels
+from hat.integer import kernels
 from hat.engine.runtime import keep_freed_memory
 from hat.models import create_model
 from hat.quant import convert, prepare_qat, prepare_qat_fx, set_fake_quant_state

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hat.backend.j5 import kernels, lut  # noqa: E402
-from hat.backend.j5.profile import J5  # noqa: E402
+from hat.integer import kernels, lut  # noqa: E402
+from hat.integer.profile import J5  # noqa: E402
 from hat.quant.optable import OPS, reference  # noqa: E402
 
 # op -> (input amax, output amax): scale = amax / J5.scale_divisor(dtype) (the same as tests/backend/test_lut.py)
@@ -46,14 +46,15 @@ def scales(op, in_dtype: str, out_dtype: str) -> tuple[float, float]:
 def exact(op) -> tuple[float, float]:
     q = torch.arange(-128, 128, dtype=torch.int8)
     s_in, s_out = scales(op, "qint8", "qint8")
-    table = lut.exact_table(lambda x: reference(op, x), s_in, "qint8", s_out, "qint8")
+    table = lut.exact_table(lambda x: reference(op, x), s_in, "qint8", s_out, "qint8", J5)
     return error(op, q, kernels.lookup(q, table=table, out_dtype="qint8"), s_in, s_out, "qint8")
 
 
 def segmented(op, out_dtype: str, split: str) -> tuple[float, float]:
     q = torch.arange(-32768, 32768, dtype=torch.int16)
     s_in, s_out = scales(op, "qint16", out_dtype)
-    params = lut.segment_table(lambda x: reference(op, x), s_in, "qint16", s_out, out_dtype, odd=op.odd, split=split)
+    params = lut.segment_table(lambda x: reference(op, x), s_in, "qint16", s_out, out_dtype, odd=op.odd,
+                               split=split, profile=J5)
     return error(op, q, kernels.segment_lookup(q, **params), s_in, s_out, out_dtype)
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     x = torch.randint(-32768, 32768, (1, 64, 56, 56), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
     s_in, s_out = 8 / J5.scale_divisor("qint16"), 1 / J5.scale_divisor("qint16")
-    params = lut.segment_table(torch.sigmoid, s_in, "qint16", s_out, "qint16")
+    params = lut.segment_table(torch.sigmoid, s_in, "qint16", s_out, "qint16", profile=J5)
     lookup = timed(lambda: kernels.segment_lookup(x, **params), args.repeats)
     requantize = timed(lambda: kernels.requantize(x, 20000, 15, "qint16"), args.repeats)
     small = x.reshape(-1)[:65536]

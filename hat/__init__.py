@@ -1,8 +1,6 @@
 """HAT: config-driven training of models that run as integer programs on a J5-class ("bayes") accelerator.
 
-Importing `hat` registers every model, dataset, optimizer, schedule and stage, so configs can name them.
+Light to import: models, datasets, optimizers and stages register themselves the first time a config names
+something (hat.registry.REGISTRANTS), so `import hat.quant` does not load the engine.
 """
-from hat import data, models  # noqa: F401  (registration)
-from hat.engine import int_infer, optim, quant_stages, stages  # noqa: F401  (registration)
-
 __version__ = "0.1.0"

@@ -37,7 +37,6 @@ def _setup_logging() -> None:
 
 
 def _load(args: argparse.Namespace):
-    import hat  # noqa: F401  (registers everything)
     from hat.config import load_config
 
     if not args.config:
@@ -109,7 +108,7 @@ def _ops_doc(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog="ops_doc.py", description="Write docs/ops.md from the operator table.")
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/ops.md is not up to date")
     args = parser.parse_args(argv)
-    from hat.quant.ops_doc import ops_markdown
+    from hat.backend.ops_doc import ops_markdown
 
     text = ops_markdown()
     if args.check:
@@ -154,7 +153,6 @@ def _train(argv: Optional[Sequence[str]]) -> int:
 
 
 def _list(kind: str) -> int:
-    import hat  # noqa: F401
     from hat.registry import kinds, list_registered
 
     chosen = kinds() if kind == "all" else [kind]

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from hat.backend.j5.profile import PROFILES
+from hat.integer.profile import PROFILES
 from hat.errors import ConfigError
 from hat.fileio import atomic_write
 

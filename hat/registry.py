@@ -1,12 +1,14 @@
 """One registry for everything a config can name: `@register` a class or function, `build(cfg)` it.
 
-Only registered names can be built, so a config can never import arbitrary code. Registration happens
-when `hat` is imported (each package imports its modules), never by a config.
+Only registered names can be built, so a config can never import arbitrary code. Registration happens the
+first time a name is looked up (the packages in REGISTRANTS import their modules), never by a config; so
+`import hat.quant` stays free of the engine and the data code.
 """
 from __future__ import annotations
 
 import collections.abc
 import difflib
+import importlib
 import inspect
 import types
 import typing
@@ -28,6 +30,14 @@ class Entry:
 
 
 _ENTRIES: dict[str, Entry] = {}
+# Everything a config can name is registered by importing these (once, at the first lookup).
+REGISTRANTS = ("hat.data", "hat.models", "hat.engine.int_infer", "hat.engine.optim", "hat.engine.quant_stages",
+               "hat.engine.stages")
+
+
+def _load_registrants() -> None:
+    for module in REGISTRANTS:
+        importlib.import_module(module)
 
 
 def register(obj: Callable | None = None, *, name: str | None = None, kind: str = "misc"):
@@ -45,10 +55,12 @@ def register(obj: Callable | None = None, *, name: str | None = None, kind: str 
 
 def list_registered(kind: str | None = None) -> list[str]:
     """Sorted names, optionally of one kind ("model", "dataset", "optimizer", ...)."""
+    _load_registrants()
     return sorted(n for n, e in _ENTRIES.items() if kind is None or e.kind == kind)
 
 
 def kinds() -> list[str]:
+    _load_registrants()
     return sorted({e.kind for e in _ENTRIES.values()})
 
 
@@ -57,6 +69,7 @@ def get(name: str, kind: str | tuple[str, ...] | None = None, where: str = "type
 
     `kind` (one or a tuple) restricts the lookup, so `optimizer.type: resnet18` is an error, not a surprise.
     """
+    _load_registrants()
     kinds_ok = (kind,) if isinstance(kind, str) else kind
     entry = _ENTRIES.get(name)
     if entry is not None and kinds_ok is not None and entry.kind not in kinds_ok:

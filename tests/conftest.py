@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import hat  # noqa: F401  (registration)
 from hat.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

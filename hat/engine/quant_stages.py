@@ -33,10 +33,11 @@ def qconfig_dict_from_config(cfg: DictConfig, model: nn.Module) -> dict:
     """The `quant:` section as a qconfig_dict; parts outside the deploy model (loss, aux heads) stay float."""
     q = cfg.quant
     try:
-        base = get_default_qat_qconfig(activation_dtype=q.activation_dtype, algorithm=q.algorithm)
+        base = get_default_qat_qconfig(activation_dtype=q.activation_dtype, algorithm=q.algorithm, march=q.march)
         special: list[tuple[str, Optional[QConfig]]] = (
-            [(n, get_default_qat_qconfig(activation_dtype="qint16", algorithm=q.algorithm)) for n in q.int16_modules]
-            + [(n, get_default_qat_out_qconfig(algorithm=q.algorithm)) for n in q.high_precision_outputs]
+            [(n, get_default_qat_qconfig(activation_dtype="qint16", algorithm=q.algorithm, march=q.march))
+             for n in q.int16_modules]
+            + [(n, get_default_qat_out_qconfig(algorithm=q.algorithm, march=q.march)) for n in q.high_precision_outputs]
             + [(n, None) for n in q.float_modules])
     except ValueError as exc:
         raise ConfigError(f"quant: {exc}") from None

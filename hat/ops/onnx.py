@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+OPSET = 21  # every ONNX file hat writes: int16 QuantizeLinear/DequantizeLinear need 21
 ONNX_INT8, ONNX_INT16 = 3, 5  # TensorProto element types of the zero point (it sets the integer type)
 
 

@@ -1,17 +1,13 @@
-"""convert: a QAT model -> the quantized model (integer weights and J5 integer arithmetic)."""
+"""convert: a QAT model -> the quantized model (integer weights and the march's integer arithmetic)."""
 from __future__ import annotations
 
 from torch import nn
 
-from hat.quant import elementwise
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize
-from hat.quant.qtensor import QuantizationError
-
 from hat.quant.fuse import replace_module
+from hat.quant.module_table import qat_op
 from hat.quant.prepare import copy_model
-from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATQuantStub, _QATWeighted
-from hat.quant.quantized import (QuantizedConv2d, QuantizedDeQuantStub, QuantizedFloatFunctional, QuantizedLinear,
-                                 QuantizedQuantStub)
+from hat.quant.qtensor import QuantizationError
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -29,8 +25,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in swapped):
             continue
-        quantized = _quantized_module(module)
-        if quantized is not None:
+        op = qat_op(module)
+        if op is not None:
+            quantized = op.to_quantized(module)
             if not name:
                 raise ValueError("convert: the model itself is a QAT layer; convert the model that contains it")
             quantized.hat_name = getattr(module, "hat_name", "") or name
@@ -38,21 +35,3 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             swapped.append(name)
     return model.eval()
 
-
-def _quantized_module(module: nn.Module):
-    if isinstance(module, QATQuantStub):
-        fq = module.activation_post_process
-        return QuantizedQuantStub(fq.current_scale(), fq.dtype)
-    if isinstance(module, QATDeQuantStub):
-        return QuantizedDeQuantStub()
-    if isinstance(module, QATFloatFunctional):
-        fq = module.activation_post_process
-        return QuantizedFloatFunctional(fq.current_scale(), fq.dtype)
-    if isinstance(module, _QATWeighted):
-        weight, bias = module.deploy_weight_and_bias()
-        fq = module.activation_post_process
-        cls = QuantizedConv2d if isinstance(module, QATConv2d) else QuantizedLinear
-        out_scale, out_dtype = (fq.current_scale(), fq.dtype) if fq is not None else (None, "qint32")
-        return cls(module.layer, weight, bias, module.weight_fake_quant.current_scale(), out_scale, out_dtype,
-                   module.activation)
-    return elementwise.quantized_module(module)

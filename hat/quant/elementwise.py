@@ -4,7 +4,7 @@ float:     `ElementwiseOp(name, **arguments)`, what prepare_qat_fx puts in place
            nn modules of the table (nn.Sigmoid, nn.SiLU, nn.GELU, ...) are taken as they are.
 QAT:       `QATElementwise`: f in float on the dequantized input, output fake-quantized (observed scale).
 quantized: `QuantizedElementwise`: one look-up-table kernel; its tables are built in float64 from f, the input's
-           and the output's scales (hat/backend/j5/lut.py): an exact 256-entry table for an int8 input, segmented
+           and the output's scales (hat/integer/lut.py): an exact 256-entry table for an int8 input, segmented
            int16 tables otherwise. The program stores the tables, so program and model are bit-exact.
 Not fused into a conv: J5's conv output stage applies relu/relu6 only; any other activation is its own table op
 on the conv's requantized output.
@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from hat.backend.j5 import lut
+from hat.integer import lut
+from hat.integer.profile import Profile
 from hat.quant.optable import BY_NAME, OPS, Elementwise, gelu_entry
 from hat.quant.qat import _Named
 from hat.quant.qconfig import QConfig
@@ -59,6 +60,7 @@ class QATElementwise(_Named):
         if qconfig.activation is None:
             raise QuantizationError(f"{op.name}: a table op needs an int8/int16 output qconfig, not a "
                                     f"high-precision one")
+        self._use_qconfig(qconfig)
         self.op, self.arguments = op, arguments
         self.activation_post_process = qconfig.activation()
 
@@ -72,9 +74,10 @@ class QATElementwise(_Named):
 class QuantizedElementwise(NamedQuantModule):
     """One look-up-table kernel; the tables for an input scale are built once (float64) and reused."""
 
-    def __init__(self, op: Elementwise, arguments: dict[str, Any], out_scale: torch.Tensor, out_dtype: str):
+    def __init__(self, op: Elementwise, arguments: dict[str, Any], out_scale: torch.Tensor, out_dtype: str,
+                 profile: Profile):
         super().__init__()
-        self.op, self.arguments, self.out_dtype = op, arguments, out_dtype
+        self.op, self.arguments, self.out_dtype, self.profile = op, arguments, out_dtype, profile
         self.register_buffer("out_scale", out_scale.detach().clone().reshape(1))
         self._tables: dict[tuple[float, str], tuple[str, dict]] = {}
 
@@ -88,7 +91,7 @@ class QuantizedElementwise(NamedQuantModule):
         key = (in_scale, in_dtype)
         if key not in self._tables:
             self._tables[key] = build_tables(self.op, self.arguments, in_scale, in_dtype, float(self.out_scale),
-                                             self.out_dtype)
+                                             self.out_dtype, self.profile)
         return self._tables[key]
 
     def extra_repr(self) -> str:
@@ -96,13 +99,15 @@ class QuantizedElementwise(NamedQuantModule):
 
 
 def build_tables(op: Elementwise, arguments: dict[str, Any], in_scale: float, in_dtype: str, out_scale: float,
-                 out_dtype: str) -> tuple[str, dict]:
-    """The integer form of f for these scales: the exact table of an int8 input, else segmented tables."""
+                 out_dtype: str, profile: Profile) -> tuple[str, dict]:
+    """The integer form of f for these scales on `profile`: the exact table of an int8 input, else segmented
+    tables."""
     fn = lambda x: op(x, **arguments)  # noqa: E731
     if in_dtype == "qint8":
-        return "lookup", {"table": lut.exact_table(fn, in_scale, in_dtype, out_scale, out_dtype),
+        return "lookup", {"table": lut.exact_table(fn, in_scale, in_dtype, out_scale, out_dtype, profile),
                           "out_dtype": out_dtype}
-    return "segment_lookup", lut.segment_table(fn, in_scale, in_dtype, out_scale, out_dtype, odd=op.odd)
+    return "segment_lookup", lut.segment_table(fn, in_scale, in_dtype, out_scale, out_dtype, odd=op.odd,
+                                               profile=profile)
 
 
 def qat_module(module: nn.Module, qconfig: QConfig) -> Optional[QATElementwise]:
@@ -114,4 +119,5 @@ def quantized_module(module: nn.Module) -> Optional[QuantizedElementwise]:
     if not isinstance(module, QATElementwise):
         return None
     fake_quant = module.activation_post_process
-    return QuantizedElementwise(module.op, module.arguments, fake_quant.current_scale(), fake_quant.dtype)
+    return QuantizedElementwise(module.op, module.arguments, fake_quant.current_scale(), fake_quant.dtype,
+                                module.profile)

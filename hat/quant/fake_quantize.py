@@ -16,8 +16,8 @@ from torch import nn
 
 from hat import ops
 from hat.ops import reference
-from hat.backend.j5.arith import round_to_grid
-from hat.quant.march import current_profile
+from hat.integer.arith import round_to_grid
+from hat.integer.profile import get_profile, qrange, scale_divisor
 from hat.quant.observer import EPS, MinMaxObserver, MovingAverageMinMaxObserver
 
 
@@ -33,12 +33,13 @@ class FakeQuantize(nn.Module):
     """Observer-driven fake quant: the observer's range sets the scale; gradients pass straight through."""
 
     def __init__(self, observer: Type[MinMaxObserver] = MovingAverageMinMaxObserver, dtype: str = "qint8",
-                 ch_axis: Optional[int] = None, rounding: Optional[str] = None, **observer_kwargs):
+                 ch_axis: Optional[int] = None, rounding: Optional[str] = None, march: str = "bayes",
+                 **observer_kwargs):
         super().__init__()
-        profile = current_profile()
+        self.profile = get_profile(march)  # the march whose grid and rounding this fake quant emulates
         self.dtype, self.ch_axis = dtype, ch_axis
-        self.quant_min, self.quant_max = profile.qrange(dtype)
-        self.rounding = rounding or profile.rounding
+        self.quant_min, self.quant_max = qrange(dtype)
+        self.rounding = rounding or self.profile.rounding
         reference.is_half_up(self.rounding)  # validates the rounding name
         self.activation_post_process = observer(dtype=dtype, ch_axis=ch_axis, **observer_kwargs)
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
@@ -67,7 +68,7 @@ class FakeQuantize(nn.Module):
         memory traffic of folding the weight and dividing the conv output back."""
         factor = factor.detach()
         if self._observes_current_weight() and self.observer_enabled.item() and self.fake_quant_enabled.item():
-            out, lo, hi, scale = ops.fake_quant_folded(weight, factor, current_profile().scale_divisor(self.dtype),
+            out, lo, hi, scale = ops.fake_quant_folded(weight, factor, scale_divisor(self.dtype),
                                                        EPS, self.quant_min, self.quant_max, self.rounding)
             with torch.no_grad():  # observer state and scale stay float32 whatever the weight's dtype
                 self.activation_post_process.update_range(lo.float(), hi.float())
@@ -164,10 +165,10 @@ class PACTFakeQuantize(FakeQuantize):
     scale = alpha / ((qmax - qmin) / 2). d/dalpha = +1 above alpha, -1 below -alpha (quantizer straight-through)."""
 
     def __init__(self, observer: Type[MinMaxObserver] = MinMaxObserver, dtype: str = "qint8",
-                 rounding: Optional[str] = None, init_alpha: float = 6.0, **observer_kwargs):
-        super().__init__(observer, dtype, None, rounding, **observer_kwargs)
+                 rounding: Optional[str] = None, init_alpha: float = 6.0, march: str = "bayes", **observer_kwargs):
+        super().__init__(observer, dtype, None, rounding, march, **observer_kwargs)
         self.alpha = nn.Parameter(torch.tensor([init_alpha]))
-        self.divisor = current_profile().scale_divisor(dtype)
+        self.divisor = scale_divisor(dtype)
 
     def observe(self, x: torch.Tensor) -> None:
         self.activation_post_process(x.detach())

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hat.quant.march import current_profile
+from hat.integer.profile import qrange, scale_divisor
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -36,7 +36,7 @@ class MinMaxObserver(nn.Module):
     def __init__(self, dtype: str = "qint8", ch_axis: Optional[int] = None):
         super().__init__()
         self.dtype, self.ch_axis = dtype, ch_axis
-        current_profile().qrange(dtype)  # validates the dtype
+        qrange(dtype)  # validates the dtype
         self.register_buffer("min_val", torch.tensor([]))
         self.register_buffer("max_val", torch.tensor([]))
 
@@ -74,7 +74,7 @@ class MinMaxObserver(nn.Module):
         if not self.observed:
             return torch.ones(1, device=self.min_val.device)
         amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-        return amax.div_(current_profile().scale_divisor(self.dtype)).clamp_(min=EPS)
+        return amax.div_(scale_divisor(self.dtype)).clamp_(min=EPS)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("min_val", "max_val"):  # empty until observed: take the saved size

@@ -16,8 +16,8 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from hat.backend.j5.onnx_qdq import OPSET, program_to_onnx
 from hat.errors import OnnxExportError
+from hat.ops.onnx import OPSET
 from hat.quant.fake_quantize import frozen_for_export
 
 
@@ -26,7 +26,7 @@ def export_to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequenc
                    path: Union[str, os.PathLike]) -> Path:
     """A float or QAT model (eval mode; QAT in validation state, each fake quant a QuantizeLinear ->
     DequantizeLinear pair) -> ONNX at `path`. The model is left as it was."""
-    from hat.ops.onnx import onnx_translations
+    from hat.ops.onnx import onnx_translations  # loads the custom ops' ONNX forms
 
     inputs = _as_tuple(example_inputs)
     batch = torch.export.Dim("batch", min=1)
@@ -53,7 +53,8 @@ def export_quantized_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, 
     deployable) -> ONNX in QuantizeLinear/DequantizeLinear form at `path`."""
     import onnx
 
-    from hat import backend
+    from hat import backend  # the one call of quant into the layer above: compile, then translate the program
+    from hat.backend.j5.onnx_qdq import program_to_onnx
 
     program = backend.compile(model, _as_tuple(example_inputs), march=march)
     path = Path(path)

@@ -2,7 +2,7 @@
 checker and ONNX export read.
 
 An entry says what the op computes (`fn`, in float; QAT runs it and fake-quantizes the output, convert tabulates it
-in float64 into the integer look-up tables of hat/backend/j5/lut.py), which torch modules, functions and Tensor
+in float64 into the integer look-up tables of hat/integer/lut.py), which torch modules, functions and Tensor
 methods are this op (with their arguments), whether it is odd (tables then cover x >= 0 and mirror), its ONNX
 operator, and the input range its tables need when the quantized input range is wider than f can use.
 Adding an element-wise op = one entry here (+ its row in the parametrized test).

@@ -7,13 +7,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from hat.quant import elementwise
 from hat.quant.fake_quantize import set_fake_quant_state
-from hat.quant.fuse import FusedLayer, find_sequential_groups, fuse_modules, replace_module
-from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub
+from hat.quant.fuse import find_sequential_groups, fuse_modules, replace_module
+from hat.quant.module_table import float_op, qat_op
 from hat.quant.qconfig import QConfig, effective_qconfigs, get_default_qat_qconfig
 from hat.quant.qtensor import QuantizationError
-from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
 
 def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None, inplace: bool = False) -> nn.Module:
@@ -25,17 +23,19 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
     if qconfig_dict is None:
         qconfig_dict = {"": get_default_qat_qconfig()}
     model = model if inplace else copy_model(model)
-    if any(isinstance(m, (QATConv2d, QATLinear, QATQuantStub)) for m in model.modules()):
+    if any(qat_op(m) is not None for m in model.modules()):
         raise QuantizationError("prepare_qat: the model is already prepared; prepare the float model once")
     qconfigs = effective_qconfigs(model, qconfig_dict)
+    _refuse_mixed_marches(qconfigs)
     _refuse_subclassed_layers(model, qconfigs)
     fuse_modules(model, find_sequential_groups(model))
     swapped: list[str] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in swapped) or qconfigs.get(name) is None:
             continue
-        qat = _qat_module(module, qconfigs[name])
-        if qat is not None:
+        op = float_op(module)
+        if op is not None:
+            qat = op.to_qat(module, qconfigs[name])
             source = getattr(module, "hat_source", None)  # a module prepare_qat_fx made for a user's call
             qat.hat_name = f"{name} ({source})" if source else name
             replace_module(model, name, qat)
@@ -44,18 +44,16 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
     return model
 
 
-def _qat_module(module: nn.Module, qconfig: QConfig) -> Optional[nn.Module]:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        module = FusedLayer(module)
-    if isinstance(module, FusedLayer):
-        return (QATConv2d if isinstance(module.layer, nn.Conv2d) else QATLinear)(module, qconfig)
-    if isinstance(module, QuantStub):
-        return QATQuantStub(qconfig)
-    if isinstance(module, DeQuantStub):
-        return QATDeQuantStub()
-    if isinstance(module, FloatFunctional):
-        return QATFloatFunctional(qconfig)
-    return elementwise.qat_module(module, qconfig)
+def _refuse_mixed_marches(qconfigs: dict[str, Optional[QConfig]]) -> None:
+    """One model is one program for one march: its qconfigs must agree on the arithmetic they emulate."""
+    marches: dict[str, str] = {}
+    for name, qconfig in qconfigs.items():
+        if qconfig is not None:
+            marches.setdefault(qconfig.march, name or "the model")
+    if len(marches) > 1:
+        listed = ", ".join(f"'{march}' (e.g. {name})" for march, name in marches.items())
+        raise QuantizationError(f"prepare_qat: the qconfigs mix marches {listed}; a model runs on one march: make "
+                                f"every qconfig with the same march= (the config's quant.march)")
 
 
 def _refuse_subclassed_layers(model: nn.Module, qconfigs: dict) -> None:

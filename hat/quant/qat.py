@@ -12,18 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hat.integer.kernels import along_axis
+from hat.integer.profile import get_profile
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize
 from hat.quant.fuse import FusedLayer
-from hat.quant.stubs import FunctionalMethods
 from hat.quant.qconfig import QConfig
-from hat.backend.j5.kernels import along_axis
+from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import NamedQuantModule, QTensor, QuantizationError, dequantize_output
 
 
 class _Named(NamedQuantModule):
+    def _use_qconfig(self, qconfig: QConfig) -> None:
+        """The march of the qconfig: the arithmetic this module's outputs (and convert's module) follow."""
+        self.profile = get_profile(qconfig.march)
+
     def _output(self, fake_quant: nn.Module, y: torch.Tensor) -> QTensor:
         out = fake_quant(y)
-        return QTensor(out, fake_quant.current_scale(), fake_quant.dtype, self.hat_name)
+        return QTensor(out, fake_quant.current_scale(), fake_quant.dtype, self.hat_name, profile=self.profile)
 
     def _input(self, x) -> torch.Tensor:
         return self._qinputs(x)[0].dequantize()
@@ -34,6 +39,7 @@ class QATQuantStub(_Named):
         super().__init__()
         if qconfig.activation is None:
             raise QuantizationError("a QuantStub needs an activation qconfig (int8/int16), not a high-precision one")
+        self._use_qconfig(qconfig)
         self.activation_post_process = qconfig.activation()
 
     def forward(self, x):
@@ -53,6 +59,7 @@ class QATFloatFunctional(FunctionalMethods, _Named):
         if qconfig.activation is None:
             raise QuantizationError("a FloatFunctional needs an activation qconfig (int8/int16), not a "
                                     "high-precision one")
+        self._use_qconfig(qconfig)
         self.activation_post_process = qconfig.activation()
 
     def _add(self, x, y):
@@ -83,6 +90,7 @@ class QATFloatFunctional(FunctionalMethods, _Named):
 class _QATWeighted(_Named):
     def __init__(self, fused: FusedLayer, qconfig: QConfig):
         super().__init__()
+        self._use_qconfig(qconfig)
         self.layer, self.bn, self.activation = fused.layer, fused.bn, fused.activation
         self.weight_fake_quant = qconfig.weight()
         # no activation fake quant = high-precision (qint32) output, as the reference toolchain prints it
@@ -101,7 +109,7 @@ class _QATWeighted(_Named):
         elif self.activation == "relu6":
             y = F.relu6(y)
         if self.activation_post_process is None:
-            return QTensor(y, torch.ones(1, device=y.device), "qint32", self.hat_name)
+            return QTensor(y, torch.ones(1, device=y.device), "qint32", self.hat_name, profile=self.profile)
         return self._output(self.activation_post_process, y)
 
     def _fake_quant_unfolded(self) -> torch.Tensor:

@@ -14,17 +14,20 @@ from torch import nn
 
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize, PACTFakeQuantize
 from hat.quant.fuse import FusedLayer, find_sequential_groups
-from hat.quant.march import current_profile
+from hat.integer.profile import get_profile
+from hat.quant.march import get_march
 from hat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
 ALGORITHMS = ("fake_quant", "lsq", "pact")
 
 
 class QConfig(NamedTuple):
-    """Factories for the output-activation and the weight fake quant; activation None = high-precision output."""
+    """Factories for the output-activation and the weight fake quant (activation None = high-precision output),
+    and the march whose arithmetic they emulate: prepare_qat hands it to every module."""
 
     activation: Optional[Callable[[], nn.Module]]
     weight: Optional[Callable[[], nn.Module]]
+    march: str = "bayes"
 
     def describe(self) -> tuple[str, str]:
         """(activation, weight) as shown in reports: a dtype, or 'qint32 (high precision)'."""
@@ -32,44 +35,48 @@ class QConfig(NamedTuple):
         return activation, self.weight.keywords["dtype"] if self.weight else "float"
 
 
-def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+def _check(value: str, allowed: tuple[str, ...], what: str, march: str) -> None:
     if value not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(allowed)} on march '{current_profile().march}', "
-                         f"got '{value}'")
+        raise ValueError(f"{what} must be one of {', '.join(allowed)} on march '{march}', got '{value}'")
 
 
-def _weight_fake_quant(weight_dtype: str, algorithm: str) -> Callable[[], nn.Module]:
-    _check(weight_dtype, (current_profile().weight_dtype,), "weight_dtype")
+def _weight_fake_quant(weight_dtype: str, algorithm: str, march: str) -> Callable[[], nn.Module]:
+    _check(weight_dtype, (get_profile(march).weight_dtype,), "weight_dtype", march)
     cls = LSQFakeQuantize if algorithm == "lsq" else FakeQuantize
     # averaging_constant 1: the weight's scale always follows the current weights
     return functools.partial(cls, MovingAveragePerChannelMinMaxObserver, dtype=weight_dtype, ch_axis=0,
-                             averaging_constant=1.0)
+                             averaging_constant=1.0, march=march)
 
 
 def get_default_qat_qconfig(activation_dtype: str = "qint8", weight_dtype: str = "qint8",
-                            algorithm: str = "fake_quant", averaging_constant: float = 0.01) -> QConfig:
-    """int8 (or int16) per-tensor symmetric activations, int8 per-channel symmetric weights.
+                            algorithm: str = "fake_quant", averaging_constant: float = 0.01,
+                            march: Optional[str] = None) -> QConfig:
+    """int8 (or int16) per-tensor symmetric activations, int8 per-channel symmetric weights, for `march`
+    (default: quant.get_march()).
 
     algorithm: "fake_quant" (observer ranges, straight-through), "lsq" (learned scales), "pact" (learned
     activation clip; weights as fake_quant).
     """
-    _check(activation_dtype, current_profile().activation_dtypes, "activation_dtype")
-    _check(algorithm, ALGORITHMS, "algorithm")
+    march = march or get_march()
+    _check(activation_dtype, get_profile(march).activation_dtypes, "activation_dtype", march)
+    _check(algorithm, ALGORITHMS, "algorithm", march)
     if algorithm == "fake_quant":
         activation = functools.partial(FakeQuantize, MovingAverageMinMaxObserver, dtype=activation_dtype,
-                                       averaging_constant=averaging_constant)
+                                       averaging_constant=averaging_constant, march=march)
     elif algorithm == "lsq":
-        activation = functools.partial(LSQFakeQuantize, MinMaxObserver, dtype=activation_dtype)
+        activation = functools.partial(LSQFakeQuantize, MinMaxObserver, dtype=activation_dtype, march=march)
     else:
-        activation = functools.partial(PACTFakeQuantize, MinMaxObserver, dtype=activation_dtype)
-    return QConfig(activation, _weight_fake_quant(weight_dtype, algorithm))
+        activation = functools.partial(PACTFakeQuantize, MinMaxObserver, dtype=activation_dtype, march=march)
+    return QConfig(activation, _weight_fake_quant(weight_dtype, algorithm, march), march)
 
 
-def get_default_qat_out_qconfig(weight_dtype: str = "qint8", algorithm: str = "fake_quant") -> QConfig:
+def get_default_qat_out_qconfig(weight_dtype: str = "qint8", algorithm: str = "fake_quant",
+                                march: Optional[str] = None) -> QConfig:
     """For a conv/linear whose only consumer is the model output: int8 weights, int32 output (no activation
     fake quant), as J5 allows."""
-    _check(algorithm, ALGORITHMS, "algorithm")
-    return QConfig(None, _weight_fake_quant(weight_dtype, algorithm))
+    march = march or get_march()
+    _check(algorithm, ALGORITHMS, "algorithm", march)
+    return QConfig(None, _weight_fake_quant(weight_dtype, algorithm, march), march)
 
 
 QCONFIG_DICT_KEYS = ("", "module_type", "module_name")

@@ -16,12 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from hat.backend.j5 import kernels, trace
-from hat.backend.j5.arith import multiplier_and_shift, round_half_up
-from hat.backend.j5.profile import TORCH_DTYPES
+from hat.integer import kernels, recording
+from hat.integer.arith import multiplier_and_shift, round_half_up
+from hat.integer.profile import TORCH_DTYPES, Profile, qrange
 from hat.errors import HatError
 from hat.quant import optable
-from hat.quant.march import current_profile
 
 _HANDLERS: dict[Callable, Callable] = {}
 
@@ -31,11 +30,14 @@ class QuantizationError(HatError, RuntimeError):
 
 
 class QTensor:
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "", axis: int = 1):
-        current_profile().qrange(dtype)  # validates the dtype
+    """`profile`: the march whose arithmetic made it (the QuantStub's qconfig), which every op on it follows."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "", axis: int = 1, *,
+                 profile: Profile):
+        qrange(dtype)  # validates the dtype
         if scale.numel() > 1 and dtype != "qint32":
             raise QuantizationError("only a high-precision (qint32) QTensor has a per-channel scale")
-        self.data, self.dtype, self.producer = data, dtype, producer
+        self.data, self.dtype, self.producer, self.profile = data, dtype, producer, profile
         self.scale = scale if scale.dim() == 1 else scale.reshape(-1)
         self.axis = axis  # the channel axis of a per-channel scale
 
@@ -56,10 +58,10 @@ class QTensor:
         return self.data if self.is_quantized else round_half_up(self.data.detach() / self.scale.detach()).long()
 
     def with_data(self, data: torch.Tensor) -> "QTensor":
-        return QTensor(data, self.scale, self.dtype, self.producer)
+        return QTensor(data, self.scale, self.dtype, self.producer, profile=self.profile)
 
     def clamp_to_range(self, data: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = current_profile().qrange(self.dtype)
+        qmin, qmax = qrange(self.dtype)
         if self.is_quantized:
             return data.clamp(qmin, qmax).to(TORCH_DTYPES[self.dtype])
         return torch.minimum(torch.maximum(data, qmin * self.step), qmax * self.step)
@@ -117,7 +119,8 @@ class QTensor:
             base = -self if other < 0 else self._plain_op()
             if self.is_quantized:  # the integers stay, the scale grows
                 return apply("identity", [base], {}, self.scale * abs(other), self.dtype, self.producer)
-            return QTensor(base.data * abs(other), self.scale * abs(other), self.dtype, self.producer)
+            return QTensor(base.data * abs(other), self.scale * abs(other), self.dtype, self.producer,
+                           profile=self.profile)
         raise _needs_float_functional("*", "mul")
 
     __rmul__ = __mul__
@@ -143,14 +146,14 @@ class QTensor:
         return self.with_data(qat(self.data))
 
     def _const_steps(self, value: float) -> torch.Tensor:
-        qmin, qmax = current_profile().qrange(self.dtype)
+        qmin, qmax = qrange(self.dtype)
         steps = round_half_up(torch.as_tensor(value, dtype=torch.float64) / self.scale.detach().double())
         steps = steps.clamp(qmin - qmax, qmax - qmin)  # anything beyond saturates anyway; never wraps in int32
         return steps.to(torch.int32) if self.is_quantized else steps.float() * self.step
 
     def _plain_op(self, consumer: str = "") -> "QTensor":
         if self.dtype == "qint32":
-            consumer = consumer or (trace.active().module if trace.active() else "")
+            consumer = consumer or (recording.active().module if recording.active() else "")
             by = f"module '{consumer}'" if consumer else "an op"
             raise QuantizationError(
                 f"module '{self.producer or '?'}' has a high-precision (qint32) output, but {by} uses it (FAQ 2.4 "
@@ -311,7 +314,7 @@ def _requantized_mean(x: QTensor, window_sum: Callable, area: int, op: str, wind
 
     QAT applies the same effective ratio m / 2^n and rounding, so both modes agree."""
     x = x._plain_op()
-    multiplier, shift = multiplier_and_shift(torch.tensor(1.0 / area, dtype=torch.float64))
+    multiplier, shift = multiplier_and_shift(torch.tensor(1.0 / area, dtype=torch.float64), x.profile)
     if x.is_quantized:
         params = dict(window, multiplier=int(multiplier), shift=int(shift), out_dtype=x.dtype)
         return apply(op, [x], params, x.scale, x.dtype, x.producer)
@@ -335,21 +338,23 @@ class NamedQuantModule(torch.nn.Module):
 
 
 def apply(op: str, inputs: Sequence[Any], params: dict, scale: torch.Tensor, dtype: str, producer: str = "",
-          axis: int = 1) -> QTensor:
-    """Run integer kernel `op` (hat.backend.j5.kernels) on the inputs' data: every quantized-mode op goes through
-    here, so a tracer (backend.compile) records exactly what ran, with the parameters it ran with."""
-    tracer = trace.active()
+          axis: int = 1, profile: Profile | None = None) -> QTensor:
+    """Run integer kernel `op` (hat.integer.kernels) on the inputs' data: every quantized-mode op goes through
+    here, so a tracer (backend.compile) records exactly what ran, with the parameters it ran with. The output
+    follows `profile`, by default its first QTensor input's."""
+    profile = profile or next(x.profile for x in inputs if isinstance(x, QTensor))
+    tracer = recording.active()
     with tracer.kernel() if tracer else contextlib.nullcontext():
         data = kernels.KERNELS[op](*(x.data if isinstance(x, QTensor) else x for x in inputs), **params)
-    out = QTensor(data, scale, dtype, producer, axis)
+    out = QTensor(data, scale, dtype, producer, axis, profile=profile)
     if tracer:
         tracer.record(op, inputs, out, params)
     return out
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "") -> QTensor:
-    """Float -> quantized-mode QTensor with the march's rounding and saturation."""
-    return apply("quantize", [x], {"scale": scale, "dtype": dtype}, scale, dtype, producer)
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: str, producer: str = "", *, profile: Profile) -> QTensor:
+    """Float -> quantized-mode QTensor of march `profile`, with its rounding and saturation."""
+    return apply("quantize", [x], {"scale": scale, "dtype": dtype}, scale, dtype, producer, profile=profile)
 
 
 def dequantize_output(x: Any, stub: str = "") -> Any:
@@ -361,7 +366,7 @@ def dequantize_output(x: Any, stub: str = "") -> Any:
         out = x.dequantize()
         out.hat_dequantized_by = stub
         return out
-    tracer = trace.active()
+    tracer = recording.active()
     params = {"scale": x.scale, "axis": x.axis}
     with tracer.kernel() if tracer else contextlib.nullcontext():
         out = kernels.dequantize(x.data, **params)

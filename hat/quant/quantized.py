@@ -2,7 +2,7 @@
 round-half-up shift, saturation). They compute on QTensors in quantized mode (integer data).
 
 Each forward resolves its integer parameters (bias on the accumulator grid, multipliers, shifts) against its input
-scale and runs one kernel of hat.backend.j5.kernels through `apply`: what backend.compile records and the integer
+scale and runs one kernel of hat.integer.kernels through `apply`: what backend.compile records and the integer
 program replays.
 """
 from __future__ import annotations
@@ -12,21 +12,22 @@ import math
 import torch
 from torch import nn
 
-from hat.backend.j5.arith import multiplier_and_shift, round_half_up, saturate
-from hat.backend.j5.kernels import accumulate_plan, along_axis
-from hat.quant.march import current_profile
+from hat.integer.arith import multiplier_and_shift, round_half_up, saturate
+from hat.integer.kernels import accumulate_plan, along_axis
+from hat.integer.profile import Profile, qrange
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import NamedQuantModule, QTensor, apply, dequantize_output, quantize
 
 
 class QuantizedQuantStub(NamedQuantModule):
-    def __init__(self, scale: torch.Tensor, dtype: str):
+    def __init__(self, scale: torch.Tensor, dtype: str, profile: Profile):
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.profile = dtype, profile
         self.register_buffer("scale", scale.detach().clone().reshape(1))
 
     def forward(self, x):
-        return x if isinstance(x, QTensor) else quantize(x, self.scale, self.dtype, self.hat_name)
+        return x if isinstance(x, QTensor) else quantize(x, self.scale, self.dtype, self.hat_name,
+                                                         profile=self.profile)
 
 
 class QuantizedDeQuantStub(NamedQuantModule):
@@ -38,10 +39,10 @@ class _QuantizedWeighted(NamedQuantModule):
     """int8 per-channel weight, bias folded from BN; bias and output scale resolved against the input scale."""
 
     def __init__(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
-                 out_scale: torch.Tensor | None, out_dtype: str, activation: str | None):
+                 out_scale: torch.Tensor | None, out_dtype: str, activation: str | None, profile: Profile):
         super().__init__()
-        self.layer_args = _layer_args(layer)
-        qmin, qmax = current_profile().qrange(current_profile().weight_dtype)
+        self.layer_args, self.profile = _layer_args(layer), profile
+        qmin, qmax = qrange(profile.weight_dtype)
         scale = weight_scale.detach().reshape(-1)
         per_channel = along_axis(scale, weight, 0)
         weight_int = round_half_up(weight.detach() / per_channel).clamp(qmin, qmax).to(torch.int8)
@@ -75,7 +76,7 @@ class _QuantizedWeighted(NamedQuantModule):
             if self.activation == "relu6":
                 params["acc_max"] = round_half_up(6.0 / acc_scale).long()
             return params
-        params["multiplier"], params["shift"] = multiplier_and_shift(acc_scale / self.out_scale.double())
+        params["multiplier"], params["shift"] = multiplier_and_shift(acc_scale / self.out_scale.double(), self.profile)
         if self.activation == "relu6":
             params["out_max"] = int(round_half_up(torch.tensor(6.0 / float(self.out_scale))))
         return params
@@ -105,21 +106,21 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
     x being the operand with the larger scale; then requantize acc (scale s_x / 2^shift) to the output scale.
     """
 
-    def __init__(self, out_scale: torch.Tensor, out_dtype: str):
+    def __init__(self, out_scale: torch.Tensor, out_dtype: str, profile: Profile):
         super().__init__()
-        self.out_dtype = out_dtype
+        self.out_dtype, self.profile = out_dtype, profile
         self.register_buffer("out_scale", out_scale.detach().clone().reshape(1))
 
     def _out(self, op: str, inputs: list[QTensor], acc_scale: torch.Tensor, **params) -> QTensor:
         """Kernel `op`, its accumulator (scale `acc_scale`) requantized to the observed output scale."""
-        multiplier, shift = multiplier_and_shift(acc_scale.double() / self.out_scale.double())
+        multiplier, shift = multiplier_and_shift(acc_scale.double() / self.out_scale.double(), self.profile)
         params.update(multiplier=int(multiplier), shift=int(shift), out_dtype=self.out_dtype)
         return apply(op, inputs, params, self.out_scale, self.out_dtype, self.hat_name)
 
     def _add_shift(self, x: QTensor, ratio: float = 0.0) -> int:
         """The left shift of the add: within the march's limit, small enough that qscale = ratio * 2^shift fits
         the int16 multiplier and that the output requantization keeps a full-width multiplier."""
-        profile = current_profile()
+        profile = self.profile
         room = profile.max_shift - 15 - math.ceil(math.log2(max(float(x.scale) / float(self.out_scale), 1e-30)))
         fits = math.floor(math.log2(profile.multiplier_max / ratio)) if ratio > 0 else profile.max_shift
         return max(0, min(profile.add_max_shift[x.dtype], fits, room))
@@ -173,7 +174,7 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
 
     def _to_output_grid(self, tensors: list[QTensor]) -> dict:
         """Each input's multiplier and shift onto the output scale."""
-        pairs = [multiplier_and_shift(t.scale.double() / self.out_scale.double()) for t in tensors]
+        pairs = [multiplier_and_shift(t.scale.double() / self.out_scale.double(), self.profile) for t in tensors]
         return {"multipliers": [int(m) for m, _ in pairs], "shifts": [int(n) for _, n in pairs],
                 "out_dtype": self.out_dtype}
 

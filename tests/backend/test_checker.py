@@ -5,7 +5,7 @@ from torch import nn
 
 from hat import backend, quant
 from hat.backend.j5.checker import Finding, ModelCheckError, _grid_sample_findings, tensor_findings
-from hat.backend.j5.profile import J5
+from hat.integer.profile import J5
 from hat.backend.j5.program import Node, Program, Value
 from hat.quant import DeQuantStub, FloatFunctional, QuantStub
 from hat.quant.functional import grid_sample

@@ -170,7 +170,7 @@ def test_hostile_json_is_refused(program, tmp_path, text_edit, message):
 
 
 def test_every_kernel_has_a_bounded_parameter_schema():
-    from hat.backend.j5.kernels import KERNELS
+    from hat.integer.kernels import KERNELS
     from hat.backend.j5.schema import op_schema, unbounded
 
     assert set(op_schema("bayes")) == set(KERNELS)

@@ -104,7 +104,7 @@ def test_program_refuses_inputs_it_was_not_compiled_for(quantized):
 
 
 def test_wide_convs_accumulate_in_float32_chunks_and_stay_exact():
-    from hat.backend.j5.kernels import accumulate_plan, conv2d
+    from hat.integer.kernels import accumulate_plan, conv2d
 
     torch.manual_seed(0)
     weight = torch.randint(0, 128, (4, 512, 3, 3), dtype=torch.int8)  # same signs: no cancellation

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from hat.quant import QTensor, QuantizationError, functional
 from hat.quant.qtensor import quantize
+from hat.integer.profile import J5
 
 
 def faq_norm_grid(x, grid):
@@ -36,9 +37,9 @@ def test_zero_offsets_sample_the_input_itself_on_every_path():
     x, _ = _case(size=(1, 2, 6, 7), out_hw=(6, 7))
     zero = torch.zeros(1, 6, 7, 2)
     torch.testing.assert_close(functional.grid_sample(x, zero), x)
-    q = quantize(x, x.abs().max() / 127.5, "qint8")
+    q = quantize(x, x.abs().max() / 127.5, "qint8", profile=J5)
     assert torch.equal(functional.grid_sample(q, zero).data, q.data)
-    qat = QTensor(q.dequantize(), q.scale, "qint8")
+    qat = QTensor(q.dequantize(), q.scale, "qint8", profile=J5)
     torch.testing.assert_close(functional.grid_sample(qat, zero).data, qat.data)
 
 
@@ -49,7 +50,7 @@ def test_integer_and_float_paths_sample_the_same_output(mode, padding_mode):
     within one output step (the kernel rounds its fixed-point sum once)."""
     x, grid = _case()
     scale = x.abs().max() / 127.5
-    q = quantize(x, scale, "qint8")
+    q = quantize(x, scale, "qint8", profile=J5)
     shift = functional.coord_shift(tuple(x.shape[-2:]), tuple(grid.shape[1:3]))
     grid = torch.round(grid * 2 ** shift) / 2 ** shift  # on the device's grid: no rounding of coordinates left
     if mode == "nearest":  # fractions 1/8, 3/8, ...: no .5 ties, where torch rounds half to even and J5 half up
@@ -57,7 +58,7 @@ def test_integer_and_float_paths_sample_the_same_output(mode, padding_mode):
     integer = functional.grid_sample(q, grid, mode, padding_mode).dequantize()
     floating = F.grid_sample(q.dequantize(), functional.norm_grid(x, grid), mode, padding_mode, align_corners=True)
     assert float((integer - floating).abs().max()) <= float(scale) * 0.5 + 1e-6
-    qat = functional.grid_sample(QTensor(q.dequantize(), scale, "qint8"), grid, mode, padding_mode)
+    qat = functional.grid_sample(QTensor(q.dequantize(), scale, "qint8", profile=J5), grid, mode, padding_mode)
     assert float((qat.data - integer).abs().max()) <= float(scale) + 1e-6
 
 
@@ -65,7 +66,7 @@ def test_qat_path_passes_gradients_to_input_and_grid():
     x, grid = _case()
     scale = x.abs().max() / 127.5
     data, grid = (torch.round(x / scale) * scale).requires_grad_(), grid.requires_grad_()
-    out = functional.grid_sample(QTensor(data, scale, "qint8"), grid)
+    out = functional.grid_sample(QTensor(data, scale, "qint8", profile=J5), grid)
     out.data.sum().backward()
     assert out.scale is not None and data.grad.abs().sum() > 0 and grid.grad.abs().sum() > 0
 
@@ -80,7 +81,7 @@ def test_grid_sample_errors_say_what_to_change():
     x, grid = _case()
     with pytest.raises(QuantizationError, match="mode 'bilinear'\\|'nearest'"):
         functional.grid_sample(x, grid, mode="bicubic")
-    q16 = quantize(x, x.abs().max() / 32767.5, "qint16", producer="backbone.conv3")
+    q16 = quantize(x, x.abs().max() / 32767.5, "qint16", producer="backbone.conv3", profile=J5)
     with pytest.raises(QuantizationError, match="qint8 input; 'backbone.conv3' gives qint16"):
         functional.grid_sample(q16, grid)
     with pytest.raises(QuantizationError, match="at least 2x2"):

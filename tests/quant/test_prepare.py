@@ -7,6 +7,7 @@ from hat import quant
 from hat.models import create_model
 from hat.quant.fuse import FusedLayer
 from hat.quant.qat import QATConv2d, QATLinear
+from hat.integer.profile import J5
 
 
 def _prepared(name="resnet18", **kw):
@@ -47,7 +48,7 @@ def test_folded_weights_compute_what_the_eval_mode_layer_computes():
     x = torch.randn(2, 16, 8, 8)
     weight, bias = layer.deploy_weight_and_bias()
     expected = torch.relu(torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1))
-    got = layer(quant.QTensor(x, torch.ones(1), "qint8")).dequantize()
+    got = layer(quant.QTensor(x, torch.ones(1), "qint8", profile=J5)).dequantize()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -58,7 +59,7 @@ def test_qat_forward_is_quantized_and_trains():
     loss.backward()
     assert all(p.grad is not None for p in qat.parameters() if p.requires_grad)
     stem = qat.backbone[0][0]
-    values = stem(quant.QTensor(torch.randn(1, 3, 8, 8), torch.ones(1), "qint8"))
+    values = stem(quant.QTensor(torch.randn(1, 3, 8, 8), torch.ones(1), "qint8", profile=J5))
     steps = values.dequantize() / stem.activation_post_process.scale
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)  # outputs lie on the int8 grid
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from hat.quant import QTensor, QuantizationError
 from hat.quant.qtensor import quantize
+from hat.integer.profile import J5
 
 OPS = {
     "relu": lambda t: F.relu(t), "relu_method": lambda t: t.relu(), "relu6": lambda t: F.relu6(t),
@@ -21,8 +22,8 @@ def _pair(dtype="qint8"):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6) * 2
     scale = torch.tensor([0.05 if dtype == "qint8" else 0.0005])
-    quantized = quantize(x, scale, dtype)
-    qat = QTensor(quantized.data.float() * scale, scale, dtype)
+    quantized = quantize(x, scale, dtype, profile=J5)
+    qat = QTensor(quantized.data.float() * scale, scale, dtype, profile=J5)
     return qat, quantized
 
 
@@ -37,7 +38,7 @@ def test_qat_and_quantized_modes_agree(op, dtype):
 
 
 def test_constants_round_half_up_onto_the_grid_and_saturate():
-    x = QTensor(torch.tensor([126, -128, 0], dtype=torch.int8), torch.tensor([0.125]), "qint8")
+    x = QTensor(torch.tensor([126, -128, 0], dtype=torch.int8), torch.tensor([0.125]), "qint8", profile=J5)
     assert (x + 0.3125).data.tolist() == [127, -125, 3]  # 2.5 steps -> 3 (half up); 126 + 3 saturates at 127
     assert (-x).data.tolist() == [-126, 127, 0]  # -(-128) saturates
     assert (x + 1e-4).data.tolist() == [126, -128, 0]  # below half a step: no change, as on the device
@@ -45,7 +46,7 @@ def test_constants_round_half_up_onto_the_grid_and_saturate():
 
 def test_gradients_flow_through_qat_ops():
     data = torch.tensor([0.1, -0.2, 1.5], requires_grad=True)
-    y = (1 - QTensor(data, torch.tensor([0.1]), "qint8")).relu()
+    y = (1 - QTensor(data, torch.tensor([0.1]), "qint8", profile=J5)).relu()
     y.dequantize().sum().backward()
     assert data.grad.tolist() == [-1.0, -1.0, 0.0]  # relu(1 - 1.5) = 0: no gradient
 

@@ -1,4 +1,1 @@
-"""The J5 ("bayes") backend: its arithmetic profile and integer primitives."""
-from hat.backend.j5.profile import J5, PROFILES, Profile, get_profile
-
-__all__ = ["J5", "PROFILES", "Profile", "get_profile"]
+"""The J5 ("bayes") backend: tracing a quantized model into a program, the .hir file, the checker, ONNX QDQ."""

@@ -15,8 +15,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from hat.backend.j5.kernels import accumulator_bound
-from hat.backend.j5.profile import Profile, get_profile
+from hat.integer.kernels import accumulator_bound
+from hat.integer.profile import Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
 from hat.backend.j5.trace import UntraceableError, trace
 from hat.errors import HatError
@@ -65,7 +65,7 @@ class ModelCheckError(HatError):
 def check_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], march: str = "bayes") -> Report:
     """Deployability of a converted (quantized) model on `march`, with the traced program when tracing worked."""
     profile = get_profile(march)
-    report = Report(march, list(_module_findings(model)))
+    report = Report(march, list(_module_findings(model, march)))
     if report.findings:
         return report
     was_training = model.training
@@ -103,7 +103,7 @@ def export_requested() -> bool:
 
 
 # --- pass 1: the modules ---------------------------------------------------------------------------------------------
-def _module_findings(model: nn.Module) -> Iterator[Finding]:
+def _module_findings(model: nn.Module, march: str) -> Iterator[Finding]:
     from hat.quant.fake_quantize import FakeQuantize
     from hat.quant.quantized import QuantizedQuantStub
 
@@ -119,6 +119,14 @@ def _module_findings(model: nn.Module) -> Iterator[Finding]:
         yield Finding("convert", "", "the model has no quantized input (no converted QuantStub): it is a float "
                                      "model. Prepare it (prepare_qat / prepare_qat_fx), calibrate, train and convert")
         return
+    for name, module in modules.items():
+        built_for = getattr(getattr(module, "profile", None), "march", march)
+        if built_for != march:
+            yield Finding("march", name, f"converted for march '{built_for}' (the qconfig's march at prepare_qat), "
+                                         f"checked for '{march}': its integer parameters follow '{built_for}'. "
+                                         f"Prepare, train and convert with march='{march}' (quant.march), or check "
+                                         f"for '{built_for}'")
+            return
 
 
 def _refuse_float_module(name: str, m: nn.Module) -> None:

@@ -41,10 +41,10 @@ import torch
 
 from hat.backend.j5 import schema
 from hat.backend.j5.checker import tensor_findings
-from hat.backend.j5.kernels import KERNELS
+from hat.integer.kernels import KERNELS
 from hat.errors import HatError
 from hat.fileio import atomic_write
-from hat.backend.j5.profile import TORCH_DTYPES, Profile, get_profile
+from hat.integer.profile import TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
 
 MAGIC = b"\x89HIR\r\n\x1a\n"

@@ -15,8 +15,8 @@ from torch import nn
 
 from hat.backend.j5.program import Node, Program
 from hat.errors import OnnxExportError
+from hat.ops.onnx import OPSET
 
-OPSET = 21  # int16 QuantizeLinear/DequantizeLinear
 ONNX_TYPES = {"qint8": 3, "qint16": 5}  # TensorProto.INT8, INT16
 
 

@@ -1,6 +1,6 @@
 """The integer program: a list of J5 integer ops over named values, with its integer tensors; runs without the model.
 
-`Program.run(x)` quantizes the float input, runs each node's kernel (hat.backend.j5.kernels, the functions the
+`Program.run(x)` quantizes the float input, runs each node's kernel (hat.integer.kernels, the functions the
 quantized modules use) and dequantizes the outputs. Saving and loading live in irfile.py.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hat.backend.j5.kernels import KERNELS
+from hat.integer.kernels import KERNELS
 from hat.errors import HatError
 
 TENSOR_REF = "$tensor"  # a node parameter {"$tensor": name} refers to Program.tensors[name]

@@ -1,6 +1,6 @@
 """The parameter schema of the integer program: what each node parameter of each op may be, checked at load.
 
-Types come from each kernel's signature (hat.backend.j5.kernels: its keyword-only parameters and their hints: int,
+Types come from each kernel's signature (hat.integer.kernels: its keyword-only parameters and their hints: int,
 float, bool, str, torch.Tensor, Sequence[int], Optional[...]); ranges and choices from the march's profile (the
 checker's numbers) and from the kernels' own tables (accumulation modes, layout methods). `op_schema(march)[op]`
 maps each parameter to a Rule; `check_params` raises ParamError naming the parameter, the value found and what was
@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hat.backend.j5 import kernels
-from hat.backend.j5.kernels import KERNELS, LAYOUT_METHODS, accumulate_plan
-from hat.backend.j5.profile import QRANGES, TORCH_DTYPES, Profile, get_profile
+from hat.integer import kernels
+from hat.integer.kernels import KERNELS, LAYOUT_METHODS, accumulate_plan
+from hat.integer.profile import QRANGES, TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF
 
 MAX_RANK = 8  # dims of a program's tensors (hat's ops use at most 5)
@@ -161,6 +161,8 @@ def _segmented_ranges(p: Profile) -> dict[str, dict[str, Any]]:
             "line_multiplier": dict(dtypes=small, low=-p.multiplier_max, high=p.multiplier_max), "line_shift": shift,
             "line_offset": dict(dtypes=(TORCH_DTYPES[p.accumulator_dtype],), low=p.qrange(p.accumulator_dtype)[0],
                                 high=p.qrange(p.accumulator_dtype)[1]),
+            "internal_dtype": dict(choices=(p.lut_internal_dtype,)),
+            "out_shift": dict(low=0, high=max(map(p.lut_output_shift, p.activation_dtypes))),
             "out_dtype": dict(choices=p.activation_dtypes)}
 
 

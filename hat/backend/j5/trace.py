@@ -17,8 +17,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
+from hat.integer import recording
 
-_ACTIVE: list["Tracer"] = []
 # Tensor functions that read metadata, not values: free on a model input.
 _METADATA = {"size", "dim", "__len__", "numel", "is_floating_point", "__get__", "__format__", "__repr__",
              "element_size", "stride", "is_contiguous", "get_device", "type"}
@@ -26,10 +26,6 @@ _METADATA = {"size", "dim", "__len__", "numel", "is_floating_point", "__get__", 
 
 class UntraceableError(RuntimeError):
     """The model does something the integer program cannot record; the message names the module and the fix."""
-
-
-def active() -> Optional["Tracer"]:
-    return _ACTIVE[-1] if _ACTIVE else None
 
 
 class Tracer:
@@ -184,16 +180,14 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], march: str,
 
     hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
              nn.modules.module.register_module_forward_hook(leave)]
-    _ACTIVE.append(tracer)
     try:
-        with torch.no_grad(), _FloatWatch(tracer):
+        with torch.no_grad(), recording.recording(tracer), _FloatWatch(tracer):
             result = model(*example_inputs)
         tracer.set_outputs(result)
     except Exception as exc:
         exc.hat_module = tracer.module  # the innermost module running when it failed, for the report
         raise
     finally:
-        _ACTIVE.pop()
         for hook in hooks:
             hook.remove()
     return tracer.program

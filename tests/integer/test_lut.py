@@ -1,12 +1,13 @@
-"""Look-up tables (hat/backend/j5/lut.py; kernels.lookup and kernels.segment_lookup): the exact int8 table, and the
+"""Look-up tables (hat/integer/lut.py; kernels.lookup and kernels.segment_lookup): the exact int8 table, and the
 segmented int16 table measured on every int16 input against f in float64."""
 import pytest
 import torch
 
 from hat import backend
-from hat.backend.j5 import kernels, lut, schema
+from hat.backend.j5 import schema
+from hat.integer import kernels, lut
 from hat.backend.j5.irfile import IRFileError
-from hat.backend.j5.profile import J5
+from hat.integer.profile import J5
 from hat.backend.j5.program import Node, Program, Value
 from hat.quant.optable import BY_NAME, OPS, reference
 
@@ -41,7 +42,8 @@ def _segmented(name: str, out_dtype: str, **options) -> tuple[dict, torch.Tensor
     """The table of op `name` (int16 input), its outputs on every int16 input and the error there in output LSBs."""
     s_in, s_out = _scales(name, "qint16", out_dtype)
     op = BY_NAME[name]
-    params = lut.segment_table(lambda x: reference(op, x), s_in, "qint16", s_out, out_dtype, odd=op.odd, **options)
+    params = lut.segment_table(lambda x: reference(op, x), s_in, "qint16", s_out, out_dtype, odd=op.odd,
+                               profile=J5, **options)
     y = kernels.segment_lookup(INT16, **params)
     return params, y, (y.double() - _ideal(name, INT16, s_in, s_out, out_dtype)).abs()
 
@@ -55,7 +57,7 @@ def test_every_op_has_a_case():
 @pytest.mark.parametrize("out_dtype", ["qint8", "qint16"])
 def test_exact_table_is_f_rounded_half_up_on_every_int8_input(name, out_dtype):
     s_in, s_out = _scales(name, "qint8", out_dtype)
-    table = lut.exact_table(lambda x: reference(BY_NAME[name], x), s_in, "qint8", s_out, out_dtype)
+    table = lut.exact_table(lambda x: reference(BY_NAME[name], x), s_in, "qint8", s_out, out_dtype, J5)
     qmin, qmax = J5.qrange(out_dtype)
     expected = torch.floor(_ideal(name, INT8, s_in, s_out, out_dtype) + 0.5).clamp(qmin, qmax)
     assert table.shape == (256,) and torch.equal(table.long(), expected.long())
@@ -65,7 +67,7 @@ def test_exact_table_is_f_rounded_half_up_on_every_int8_input(name, out_dtype):
 
 
 def test_half_up_on_ties():
-    table = lut.exact_table(lambda x: x, 0.5, "qint8", 1.0, "qint8")  # q * 0.5: ties at every odd q
+    table = lut.exact_table(lambda x: x, 0.5, "qint8", 1.0, "qint8", J5)  # q * 0.5: ties at every odd q
     assert table[128 + 1] == 1 and table[128 - 1] == 0 and table[128 + 3] == 2 and table[128 - 3] == -1
 
 
@@ -180,7 +182,7 @@ def test_curvature_puts_the_points_where_f_bends():
 
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="split 'cubic'"):
-        lut.segment_table(torch.sigmoid, 8 / 32767.5, "qint16", 1 / 127.5, "qint8", split="cubic")
+        lut.segment_table(torch.sigmoid, 8 / 32767.5, "qint16", 1 / 127.5, "qint8", split="cubic", profile=J5)
 
 
 @pytest.mark.parametrize("name, input_range", [("silu", (-2.0, 3.0)), ("tanh", (-1.0, 1.0))])
@@ -200,13 +202,14 @@ def test_input_range_narrows_the_tables(name, input_range):
 
 def test_empty_input_range_is_refused():
     with pytest.raises(ValueError, match="holds no input integer"):
-        lut.segment_table(torch.sigmoid, 8 / 32767.5, "qint16", 1 / 127.5, "qint8", input_range=(1e-6, 2e-6))
+        lut.segment_table(torch.sigmoid, 8 / 32767.5, "qint16", 1 / 127.5, "qint8", input_range=(1e-6, 2e-6),
+                          profile=J5)
 
 
 def test_int8_input_works_too():
     """The caller uses exact_table for int8 inputs; a segmented table of an int8 input is still close."""
     s_in, s_out = 8 / 127.5, 1 / 32767.5
-    params = lut.segment_table(torch.sigmoid, s_in, "qint8", s_out, "qint16")
+    params = lut.segment_table(torch.sigmoid, s_in, "qint8", s_out, "qint16", profile=J5)
     y = kernels.segment_lookup(INT8, **params)
     ideal = torch.sigmoid(INT8.double() * s_in) / s_out
     assert y.dtype == torch.int16 and float((y.double() - ideal).abs().max()) <= 1.05
@@ -231,7 +234,7 @@ def _program(params: dict, s_in: float, s_out: float) -> Program:
 
 def _sigmoid_program(**edits) -> Program:
     s_in, s_out = 8 / 32767.5, 1 / 32767.5
-    params = lut.segment_table(torch.sigmoid, s_in, "qint16", s_out, "qint16")
+    params = lut.segment_table(torch.sigmoid, s_in, "qint16", s_out, "qint16", profile=J5)
     return _program({**params, **edits}, s_in, s_out)
 
 

@@ -3,8 +3,9 @@ import random
 import pytest
 import torch
 
-from hat.backend.j5 import J5, get_profile
-from hat.backend.j5.arith import multiplier_and_shift, requantize, round_to_grid, saturate, shift_right_round
+from hat.integer.profile import J5, get_profile
+from hat.integer.arith import multiplier_and_shift, round_to_grid, saturate, shift_right_round
+from hat.integer.kernels import requantize
 
 
 def test_profile_facts():
@@ -35,7 +36,7 @@ def test_shift_right_round_is_floor_of_half_up_division():
 
 def test_multiplier_fits_int16_and_approximates_the_ratio():
     ratios = torch.tensor([1e-6, 3.1e-4, 0.0123, 0.5, 0.99999, 1.0, 1.7, 300.0, 32767.0, -0.25])
-    m, n = multiplier_and_shift(ratios)
+    m, n = multiplier_and_shift(ratios, J5)
     assert (m.abs() <= 32767).all() and ((n >= 0) & (n <= 31)).all()
     approx = m.double() / 2.0 ** n.double()
     rel = ((approx - ratios.double()) / ratios.double()).abs()
@@ -47,8 +48,8 @@ def test_requantize_matches_exact_integer_arithmetic_and_saturates():
     gen = torch.Generator().manual_seed(0)
     acc = torch.randint(-2**31, 2**31 - 1, (4, 64), generator=gen)
     ratio = torch.tensor([1e-4, 3e-5, 2e-3, 1e-9])
-    out = requantize(acc, ratio, "qint8", channel_axis=0)
-    m, n = multiplier_and_shift(ratio)
+    m, n = multiplier_and_shift(ratio, J5)
+    out = requantize(acc, m, n, "qint8", axis=0).long()
     for c in range(4):
         for v, got in zip(acc[c].tolist(), out[c].tolist()):
             mi, ni = int(m[c]), int(n[c])

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.backend.j5 import kernels
-from hat.backend.j5.profile import J5, Profile
+from hat.integer.profile import Profile, qrange
 from hat.ops import reference
 from hat.ops.reference import shift_right_round  # noqa: F401  (the J5 shift, re-exported with its siblings)
 
@@ -22,12 +21,12 @@ def round_to_grid(x: torch.Tensor, rounding: str) -> torch.Tensor:
     return reference.round_grid(x, reference.is_half_up(rounding))
 
 
-def saturate(x: torch.Tensor, dtype: str, profile: Profile = J5) -> torch.Tensor:
-    qmin, qmax = profile.qrange(dtype)
+def saturate(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    qmin, qmax = qrange(dtype)
     return x.clamp(qmin, qmax)
 
 
-def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[torch.Tensor, torch.Tensor]:
+def multiplier_and_shift(ratio: torch.Tensor, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer m (|m| <= profile.multiplier_max) and shift n with m / 2^n ~= ratio, n as large as fits.
 
     n = clamp(floor(log2(multiplier_max / |ratio|)), 0, max_shift); m = round_half_up(ratio * 2^n).
@@ -41,10 +40,3 @@ def multiplier_and_shift(ratio: torch.Tensor, profile: Profile = J5) -> tuple[to
     multiplier = round_half_up(ratio * torch.pow(2.0, shift)).clamp(-profile.multiplier_max, profile.multiplier_max)
     return multiplier.to(torch.int64), shift.to(torch.int64)
 
-
-def requantize(acc: torch.Tensor, ratio: torch.Tensor, out_dtype: str, channel_axis: int | None = None,
-               profile: Profile = J5) -> torch.Tensor:
-    """int accumulator * ratio -> out_dtype integers (held in int64): the ratio as an int16 multiplier and a
-    rounding right shift (multiplier_and_shift), then kernels.requantize, per channel along `channel_axis`."""
-    multiplier, shift = multiplier_and_shift(ratio, profile)
-    return kernels.requantize(acc, multiplier, shift, out_dtype, channel_axis).long()

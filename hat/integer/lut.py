@@ -24,12 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hat.backend.j5.profile import J5, TORCH_DTYPES, Profile
+from hat.integer.profile import TORCH_DTYPES, Profile
 
 FloatFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def on_output_grid(y: torch.Tensor, out_scale: float, out_dtype: str, profile: Profile = J5) -> torch.Tensor:
+def on_output_grid(y: torch.Tensor, out_scale: float, out_dtype: str, profile: Profile) -> torch.Tensor:
     """float64 results -> integers of `out_dtype`: y / s_out rounded half up and saturated; NaN -> 0."""
     qmin, qmax = profile.qrange(out_dtype)
     steps = torch.nan_to_num(y.double() / out_scale, nan=0.0, posinf=float(qmax), neginf=float(qmin))
@@ -37,7 +37,7 @@ def on_output_grid(y: torch.Tensor, out_scale: float, out_dtype: str, profile: P
 
 
 def exact_table(fn: FloatFunction, in_scale: float, in_dtype: str, out_scale: float, out_dtype: str,
-                profile: Profile = J5) -> torch.Tensor:
+                profile: Profile) -> torch.Tensor:
     """The table of f over every integer of `in_dtype` (index q - qmin), on the output grid."""
     qmin, qmax = profile.qrange(in_dtype)
     x = torch.arange(qmin, qmax + 1, dtype=torch.float64) * float(in_scale)
@@ -51,18 +51,19 @@ _CURVATURE_SAMPLES = 4096  # at least this many samples of f between the table's
 _BISECTIONS = 40  # on the error bound of "minimax" (relative precision 2^-40)
 
 
-def internal_scale(out_scale: float, out_dtype: str, profile: Profile = J5) -> float:
+def internal_scale(out_scale: float, out_dtype: str, profile: Profile) -> float:
     """The scale of the int16 grid a segmented table computes on: the output's, or 2^-8 of it for an int8 output."""
     return float(out_scale) / 2 ** profile.lut_output_shift(out_dtype)
 
 
 def segment_table(fn: FloatFunction, in_scale: float, in_dtype: str, out_scale: float, out_dtype: str, *,
                   odd: bool = False, input_range: Optional[tuple[float, float]] = None, split: str = "minimax",
-                  profile: Profile = J5) -> dict[str, Any]:
+                  profile: Profile) -> dict[str, Any]:
     """The keyword arguments of kernels.segment_lookup for f: "points" (int16 [7], input integers, rising),
     "tables" (int16 [6, 64], internal grid), "index_multiplier", "index_shift", "index_bits" (int16 [6]: table i's
     fixed-point index), "line_multiplier", "line_shift" (int16 [2]) and "line_offset" (int32 [2]: the lines left of
-    points[0] and right of points[-1]), "odd" (bool: over |x|, the sign mirrored), "out_dtype". Table ends: the input
+    points[0] and right of points[-1]), "odd" (bool: over |x|, the sign mirrored), "internal_dtype" and "out_shift"
+    (the profile's table grid and the shift from it to out_dtype), "out_dtype". Table ends: the input
     range, narrowed by `input_range` (real units) and to where f is not flat on the output grid."""
     if split not in SPLITS:
         raise ValueError(f"split '{split}': use one of {', '.join(SPLITS)}")
@@ -84,7 +85,7 @@ def segment_table(fn: FloatFunction, in_scale: float, in_dtype: str, out_scale: 
             "index_multiplier": small(multipliers), "index_shift": small(shifts), "index_bits": small(bits),
             "line_multiplier": small([left[0], right[0]]), "line_shift": small([left[1], right[1]]),
             "line_offset": torch.tensor([left[2], right[2]], dtype=torch.int32), "odd": bool(odd),
-            "out_dtype": out_dtype}
+            "internal_dtype": profile.lut_internal_dtype, "out_shift": shift, "out_dtype": out_dtype}
 
 
 def _domain(in_dtype: str, odd: bool, profile: Profile) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hat import ops
-from hat.backend.j5.profile import J5, TORCH_DTYPES
+from hat.integer.profile import TORCH_DTYPES, qrange
 from hat.ops.reference import round_grid
 
 FLOAT32_EXACT = 2 ** 24
@@ -32,7 +32,7 @@ def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Ten
 
 def accumulator_bound(weight_int: torch.Tensor, input_dtype: str) -> int:
     """The largest |sum| a filter can reach before the bias: max over channels of sum|w| * max|x|."""
-    qmin, qmax = J5.qrange(input_dtype)
+    qmin, qmax = qrange(input_dtype)
     per_filter = weight_int.reshape(len(weight_int), -1).abs().sum(1, dtype=torch.int64)
     return int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
 
@@ -40,7 +40,7 @@ def accumulator_bound(weight_int: torch.Tensor, input_dtype: str) -> int:
 def accumulate_plan(weight_int: torch.Tensor, input_dtype: str, groups: int = 1, max_splits: int = 8) -> dict:
     """How a conv/linear accumulates exactly: {"accumulate": "float32", "splits": k} when splitting the input
     channels into k chunks (torch.tensor_split) keeps every chunk's partial sums below 2^24, else float64."""
-    qmin, qmax = J5.qrange(input_dtype)
+    qmin, qmax = qrange(input_dtype)
     per_input = weight_int.reshape(weight_int.shape[0], weight_int.shape[1], -1).abs().sum(2, dtype=torch.int64)
     splits_allowed = 1 if groups != 1 else min(max_splits, weight_int.shape[1])
     for splits in range(1, splits_allowed + 1):
@@ -52,7 +52,7 @@ def accumulate_plan(weight_int: torch.Tensor, input_dtype: str, groups: int = 1,
 
 def requantize(acc: torch.Tensor, multiplier: Any, shift: Any, out_dtype: str, axis: Optional[int] = None):
     """int accumulator -> out_dtype: (acc * m + 2^(n-1)) >> n, saturated; m, n per tensor (ints) or per channel."""
-    qmin, qmax = J5.qrange(out_dtype)
+    qmin, qmax = qrange(out_dtype)
     multiplier, shift = torch.as_tensor(multiplier), torch.as_tensor(shift)
     return ops.requantize(acc, multiplier, shift, axis if multiplier.numel() > 1 else None, qmin, qmax,
                           TORCH_DTYPES[out_dtype])
@@ -61,7 +61,7 @@ def requantize(acc: torch.Tensor, multiplier: Any, shift: Any, out_dtype: str, a
 # --- model boundary ------------------------------------------------------------------------------------------------
 def quantize(x: torch.Tensor, *, scale: torch.Tensor, dtype: str) -> torch.Tensor:
     """float -> integers: round half up of x / scale, saturated to dtype."""
-    qmin, qmax = J5.qrange(dtype)
+    qmin, qmax = qrange(dtype)
     return round_grid(x / scale, half_up=True).clamp(qmin, qmax).to(TORCH_DTYPES[dtype])
 
 
@@ -105,14 +105,14 @@ def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, relu: bool, multip
             shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
             out_dtype: str) -> torch.Tensor:
     """bias on the int32 accumulator, saturate, relu; then requantize (or keep int32: a high-precision output)."""
-    qmin, qmax = J5.qrange("qint32")
+    qmin, qmax = qrange("qint32")
     acc = (acc + along_axis(bias, acc, axis)).clamp_(min=0 if relu else qmin, max=qmax)
     if multiplier is None:
         if acc_max is not None:  # relu6 on the accumulator's per-channel grid
             acc = torch.minimum(acc, along_axis(acc_max, acc, axis))
         return acc.to(torch.int32)
     out = requantize(acc, multiplier, shift, out_dtype, axis)
-    return out.clamp_(max=min(out_max, J5.qrange(out_dtype)[1])) if out_max is not None else out
+    return out.clamp_(max=min(out_max, qrange(out_dtype)[1])) if out_max is not None else out
 
 
 # --- tensor-tensor arithmetic (FloatFunctional) ---------------------------------------------------------------------
@@ -256,8 +256,10 @@ def lookup(x: torch.Tensor, *, table: torch.Tensor, out_dtype: str) -> torch.Ten
 
 def segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tensor, index_multiplier: torch.Tensor,
                    index_shift: torch.Tensor, index_bits: torch.Tensor, line_multiplier: torch.Tensor,
-                   line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, out_dtype: str) -> torch.Tensor:
-    """f by a segmented table (lut.segment_table; an int16 input), on the int16 grid, then (v + 128) >> 8 for an int8
+                   line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, internal_dtype: str, out_shift: int,
+                   out_dtype: str) -> torch.Tensor:
+    """f by a segmented table (lut.segment_table; an int16 input), on the `internal_dtype` grid, then
+    (v + 2^(out_shift-1)) >> out_shift onto out_dtype (J5: the int16 grid, (v + 128) >> 8 for an int8
     output; odd f: f(|x|), the sign mirrored. 8 segments, each a fixed-point position of x,
     p = ((x - origin) * multiplier + 2^(shift-1)) >> shift: left of points[0] and right of points[-1] a line,
     y = line_offset + p (origin: that point); between points[i] and points[i+1] table i (origin points[i], `bits`
@@ -265,7 +267,8 @@ def segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tenso
     A tensor with more elements than x's dtype has values is computed as that table (the same integers), indexed."""
     params = dict(points=points, tables=tables, index_multiplier=index_multiplier, index_shift=index_shift,
                   index_bits=index_bits, line_multiplier=line_multiplier, line_shift=line_shift,
-                  line_offset=line_offset, odd=odd, out_dtype=out_dtype)
+                  line_offset=line_offset, odd=odd, internal_dtype=internal_dtype, out_shift=out_shift,
+                  out_dtype=out_dtype)
     low, high = torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max
     if x.numel() <= high - low + 1:
         return _segment_lookup(x.reshape(-1), **params).reshape(x.shape)
@@ -275,7 +278,8 @@ def segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tenso
 
 def _segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tensor, index_multiplier: torch.Tensor,
                     index_shift: torch.Tensor, index_bits: torch.Tensor, line_multiplier: torch.Tensor,
-                    line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, out_dtype: str) -> torch.Tensor:
+                    line_shift: torch.Tensor, line_offset: torch.Tensor, odd: bool, internal_dtype: str,
+                    out_shift: int, out_dtype: str) -> torch.Tensor:
     """segment_lookup of a 1-d x. The segments share one array of entries: the tables, then one entry per line
     (its offset, step 1, 0 bits: y = offset + p); each segment's position counts from its own first entry."""
     v = x.long().abs() if odd else x.long()
@@ -300,9 +304,8 @@ def _segment_lookup(x: torch.Tensor, *, points: torch.Tensor, tables: torch.Tens
     fraction = at - torch.bitwise_left_shift(entry, b)
     out = entry_value.index_select(0, entry) + torch.bitwise_right_shift(
         entry_step.index_select(0, entry) * fraction + half, b)
-    out = out.clamp_(*J5.qrange(J5.lut_internal_dtype))
-    qmin, qmax = J5.qrange(out_dtype)
-    out_shift = J5.lut_output_shift(out_dtype)
+    out = out.clamp_(*qrange(internal_dtype))
+    qmin, qmax = qrange(out_dtype)
     if out_shift:
         out = torch.bitwise_right_shift(out + (1 << (out_shift - 1)), out_shift).clamp_(qmin, qmax)
     if odd:  # y(-x) = -y(x) exactly: |y| <= qmax

@@ -15,6 +15,20 @@ QRANGES = MappingProxyType({"qint8": (-128, 127), "qint16": (-32768, 32767), "qi
 TORCH_DTYPES = MappingProxyType({"qint8": torch.int8, "qint16": torch.int16, "qint32": torch.int32})
 
 
+def qrange(dtype: str) -> tuple[int, int]:
+    """(qmin, qmax) of a quantized dtype: a fact of the dtype, the same on every march."""
+    try:
+        return QRANGES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown quantized dtype '{dtype}'; use one of {', '.join(QRANGES)}") from None
+
+
+def scale_divisor(dtype: str) -> float:
+    """scale = max(|min|, |max|) / divisor; (qmax - qmin) / 2, so 127.5 for qint8."""
+    qmin, qmax = qrange(dtype)
+    return (qmax - qmin) / 2
+
+
 @dataclass(frozen=True)
 class ConvLimits:
     max_in_channels: int = 8192
@@ -66,10 +80,13 @@ class Profile:
     grid_sample: GridSampleLimits = field(default_factory=GridSampleLimits)
 
     def qrange(self, dtype: str) -> tuple[int, int]:
-        try:
-            return QRANGES[dtype]
-        except KeyError:
-            raise ValueError(f"unknown quantized dtype '{dtype}'; use one of {', '.join(QRANGES)}") from None
+        return qrange(dtype)
+
+    def __deepcopy__(self, memo: dict) -> "Profile":
+        return self  # immutable: a copied model shares its march's profile
+
+    def __reduce__(self):
+        return get_profile, (self.march,)  # pickled by name: a loaded model gets this process's profile
 
     def lut_output_shift(self, out_dtype: str) -> int:
         """Right shift from the internal table grid to out_dtype's: 8 for qint8 ((v + 128) >> 8), 0 for qint16."""
@@ -79,17 +96,16 @@ class Profile:
         return ratio.bit_length() - 1
 
     def scale_divisor(self, dtype: str) -> float:
-        """scale = max(|min|, |max|) / divisor; (qmax - qmin) / 2, so 127.5 for qint8."""
-        qmin, qmax = self.qrange(dtype)
-        return (qmax - qmin) / 2
+        return scale_divisor(dtype)
 
 
 J5 = Profile(march="bayes")
-PROFILES: Mapping[str, Profile] = MappingProxyType({"bayes": J5})
+_PROFILES: dict[str, Profile] = {"bayes": J5}
+PROFILES: Mapping[str, Profile] = MappingProxyType(_PROFILES)  # every march a config may name
 
 
 def get_profile(march: str) -> Profile:
     try:
-        return PROFILES[march]
+        return _PROFILES[march]
     except KeyError:
         raise ValueError(f"unknown march '{march}'; known: {', '.join(PROFILES)}") from None

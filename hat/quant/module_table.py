@@ -1,0 +1,81 @@
+"""The module table: each module-level operator as data (which float modules it takes, its QAT module, how convert
+builds its quantized module), read by prepare_qat (float -> QAT) and convert (QAT -> quantized).
+
+Adding a module-level op = one `ModuleOp` here; its integer kernel lives in hat/integer/kernels.py, its checker
+rule in hat/backend/j5/schema.py and its ONNX form in hat/backend/j5/onnx_qdq.py, each keyed by the kernel name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from hat.quant import elementwise
+from hat.quant.fuse import FusedLayer
+from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub, _QATWeighted
+from hat.quant.qconfig import QConfig
+from hat.quant.quantized import (QuantizedConv2d, QuantizedDeQuantStub, QuantizedFloatFunctional, QuantizedLinear,
+                                 QuantizedQuantStub)
+from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    """One operator at module level: float module -> QAT module -> quantized module."""
+
+    name: str
+    takes: Callable[[nn.Module], bool]  # is this float module the op?
+    to_qat: Callable[[nn.Module, QConfig], nn.Module]
+    qat: type  # what to_qat makes: convert finds the op by it
+    to_quantized: Callable[[nn.Module], nn.Module]  # QAT module (observed, calibrated) -> quantized module
+
+
+def _layer_of(kind: type) -> Callable[[nn.Module], bool]:
+    return lambda m: isinstance(m, kind) or (isinstance(m, FusedLayer) and isinstance(m.layer, kind))
+
+
+def _weighted_qat(cls: type) -> Callable[[nn.Module, QConfig], nn.Module]:
+    return lambda m, qconfig: cls(m if isinstance(m, FusedLayer) else FusedLayer(m), qconfig)
+
+
+def _weighted_quantized(cls: type) -> Callable[[_QATWeighted], nn.Module]:
+    def convert(qat: _QATWeighted) -> nn.Module:
+        weight, bias = qat.deploy_weight_and_bias()
+        fq = qat.activation_post_process
+        out_scale, out_dtype = (fq.current_scale(), fq.dtype) if fq is not None else (None, "qint32")
+        return cls(qat.layer, weight, bias, qat.weight_fake_quant.current_scale(), out_scale, out_dtype,
+                   qat.activation, qat.profile)
+
+    return convert
+
+
+def _observed(cls: type) -> Callable[[nn.Module], nn.Module]:
+    """A quantized module made from its QAT module's observed output scale and dtype, and its march."""
+    return lambda qat: cls(qat.activation_post_process.current_scale(), qat.activation_post_process.dtype,
+                           qat.profile)
+
+
+MODULE_OPS: tuple[ModuleOp, ...] = (
+    ModuleOp("conv2d", _layer_of(nn.Conv2d), _weighted_qat(QATConv2d), QATConv2d, _weighted_quantized(QuantizedConv2d)),
+    ModuleOp("linear", _layer_of(nn.Linear), _weighted_qat(QATLinear), QATLinear, _weighted_quantized(QuantizedLinear)),
+    ModuleOp("quantize", lambda m: isinstance(m, QuantStub), lambda m, qconfig: QATQuantStub(qconfig), QATQuantStub,
+             _observed(QuantizedQuantStub)),
+    ModuleOp("dequantize", lambda m: isinstance(m, DeQuantStub), lambda m, qconfig: QATDeQuantStub(),
+             QATDeQuantStub, lambda qat: QuantizedDeQuantStub()),
+    ModuleOp("float_functional", lambda m: isinstance(m, FloatFunctional),
+             lambda m, qconfig: QATFloatFunctional(qconfig), QATFloatFunctional, _observed(QuantizedFloatFunctional)),
+    ModuleOp("elementwise", lambda m: elementwise.table_op(m) is not None, elementwise.qat_module,
+             elementwise.QATElementwise, elementwise.quantized_module),
+)
+_BY_QAT_TYPE = {op.qat: op for op in MODULE_OPS}
+
+
+def float_op(module: nn.Module) -> Optional[ModuleOp]:
+    """The table entry that prepare_qat swaps `module` by, or None (the module stays as it is)."""
+    return next((op for op in MODULE_OPS if op.takes(module)), None)
+
+
+def qat_op(module: nn.Module) -> Optional[ModuleOp]:
+    """The table entry whose QAT module `module` is, or None."""
+    return _BY_QAT_TYPE.get(type(module))
