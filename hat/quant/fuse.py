@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
 NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+# What the conv/linear output stage applies (J5: a clip at 0, and at an upper bound): name -> upper bound
+FUSED_UPPER_BOUND: dict[str, Optional[float]] = {"relu": None, "relu6": 6.0}
+
+
+def fused_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    """The fused activation in float: clip at 0 and at its upper bound (relu, relu6)."""
+    if activation is None:
+        return y
+    upper = FUSED_UPPER_BOUND[activation]
+    return nn.functional.relu(y) if upper is None else nn.functional.hardtanh(y, 0.0, upper)
 
 
 class FusedLayer(nn.Module):
@@ -26,11 +37,7 @@ class FusedLayer(nn.Module):
         x = self.layer(x)
         if self.bn is not None:
             x = self.bn(x)
-        if self.activation == "relu":
-            x = nn.functional.relu(x)
-        elif self.activation == "relu6":
-            x = nn.functional.relu6(x)
-        return x
+        return fused_activation(x, self.activation)
 
 
 def _fusable(modules: Sequence[nn.Module]) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 from hat.integer.kernels import along_axis
 from hat.integer.profile import get_profile
 from hat.quant.fake_quantize import FakeQuantize, LSQFakeQuantize
-from hat.quant.fuse import FusedLayer
+from hat.quant.fuse import FusedLayer, fused_activation
 from hat.quant.qconfig import QConfig
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import NamedQuantModule, QTensor, QuantizationError, dequantize_output
@@ -104,10 +104,7 @@ class _QATWeighted(_Named):
             y = self._compute(inp, self.weight_fake_quant(weight), bias)
         else:  # training: the folded weight's fake quant (divided back by the BN factor), batch statistics
             y = self.bn(self._compute(inp, self._fake_quant_unfolded(), self.layer.bias))
-        if self.activation == "relu":
-            y = F.relu(y)
-        elif self.activation == "relu6":
-            y = F.relu6(y)
+        y = fused_activation(y, self.activation)
         if self.activation_post_process is None:
             return QTensor(y, torch.ones(1, device=y.device), "qint32", self.hat_name, profile=self.profile)
         return self._output(self.activation_post_process, y)

@@ -15,6 +15,7 @@ from torch import nn
 from hat.integer.arith import multiplier_and_shift, round_half_up, saturate
 from hat.integer.kernels import accumulate_plan, along_axis
 from hat.integer.profile import Profile, qrange
+from hat.quant.fuse import FUSED_UPPER_BOUND
 from hat.quant.stubs import FunctionalMethods
 from hat.quant.qtensor import NamedQuantModule, QTensor, apply, dequantize_output, quantize
 
@@ -70,15 +71,16 @@ class _QuantizedWeighted(NamedQuantModule):
         acc_scale = x.scale.double() * self.weight_scale.double()
         params = {"weight": self.weight_int, "bias": self.integer_bias(x.scale), **self.layer_args,
                   **accumulate_plan(self.weight_int, x.dtype, self.layer_args.get("groups", 1)),
-                  "relu": self.activation in ("relu", "relu6"),
+                  "relu": self.activation is not None,
                   "multiplier": None, "shift": None, "acc_max": None, "out_max": None, "out_dtype": self.out_dtype}
+        upper = FUSED_UPPER_BOUND[self.activation] if self.activation is not None else None
         if self.out_scale is None:  # high-precision output: the accumulator itself
-            if self.activation == "relu6":
-                params["acc_max"] = round_half_up(6.0 / acc_scale).long()
+            if upper is not None:
+                params["acc_max"] = round_half_up(upper / acc_scale).long()
             return params
         params["multiplier"], params["shift"] = multiplier_and_shift(acc_scale / self.out_scale.double(), self.profile)
-        if self.activation == "relu6":
-            params["out_max"] = int(round_half_up(torch.tensor(6.0 / float(self.out_scale))))
+        if upper is not None:
+            params["out_max"] = int(round_half_up(torch.tensor(upper / float(self.out_scale))))
         return params
 
     def forward(self, x) -> QTensor:
