@@ -29,6 +29,7 @@ class ModuleOp:
     to_qat: Callable[[nn.Module, QConfig], nn.Module]
     qat: type  # what to_qat makes: convert finds the op by it
     to_quantized: Callable[[nn.Module], nn.Module]  # QAT module (observed, calibrated) -> quantized module
+    doc: str = ""  # which float modules, for docs/ops.md
 
 
 def _layer_of(kind: type) -> Callable[[nn.Module], bool]:
@@ -57,16 +58,22 @@ def _observed(cls: type) -> Callable[[nn.Module], nn.Module]:
 
 
 MODULE_OPS: tuple[ModuleOp, ...] = (
-    ModuleOp("conv2d", _layer_of(nn.Conv2d), _weighted_qat(QATConv2d), QATConv2d, _weighted_quantized(QuantizedConv2d)),
-    ModuleOp("linear", _layer_of(nn.Linear), _weighted_qat(QATLinear), QATLinear, _weighted_quantized(QuantizedLinear)),
+    ModuleOp("conv2d", _layer_of(nn.Conv2d), _weighted_qat(QATConv2d), QATConv2d, _weighted_quantized(QuantizedConv2d),
+             "`nn.Conv2d` (+ `nn.BatchNorm2d` folded, + `nn.ReLU`/`nn.ReLU6` fused)"),
+    ModuleOp("linear", _layer_of(nn.Linear), _weighted_qat(QATLinear), QATLinear, _weighted_quantized(QuantizedLinear),
+             "`nn.Linear` (+ `nn.BatchNorm1d` folded, + `nn.ReLU`/`nn.ReLU6` fused)"),
     ModuleOp("quantize", lambda m: isinstance(m, QuantStub), lambda m, qconfig: QATQuantStub(qconfig), QATQuantStub,
-             _observed(QuantizedQuantStub)),
+             _observed(QuantizedQuantStub), "`hat.quant.QuantStub` (prepare_qat_fx adds one per input)"),
     ModuleOp("dequantize", lambda m: isinstance(m, DeQuantStub), lambda m, qconfig: QATDeQuantStub(),
-             QATDeQuantStub, lambda qat: QuantizedDeQuantStub()),
+             QATDeQuantStub, lambda qat: QuantizedDeQuantStub(),
+             "`hat.quant.DeQuantStub` (prepare_qat_fx adds one per output)"),
     ModuleOp("float_functional", lambda m: isinstance(m, FloatFunctional),
-             lambda m, qconfig: QATFloatFunctional(qconfig), QATFloatFunctional, _observed(QuantizedFloatFunctional)),
+             lambda m, qconfig: QATFloatFunctional(qconfig), QATFloatFunctional, _observed(QuantizedFloatFunctional),
+             "`hat.quant.FloatFunctional`: add, sub, mul, add_scalar, mul_scalar, cat, maximum, minimum of "
+             "activations (prepare_qat_fx rewrites `x + y`, `torch.cat`, ...)"),
     ModuleOp("elementwise", lambda m: elementwise.table_op(m) is not None, elementwise.qat_module,
-             elementwise.QATElementwise, elementwise.quantized_module),
+             elementwise.QATElementwise, elementwise.quantized_module,
+             "the nn modules of the element-wise table below, and `hat.quant.ElementwiseOp`"),
 )
 _BY_QAT_TYPE = {op.qat: op for op in MODULE_OPS}
 
