@@ -54,6 +54,7 @@ def test_round_trip_keeps_nodes_values_and_tensors(program, tmp_path):
     (lambda b: b"PK\x03\x04" + b[4:], "not a HAT integer program"),  # a zip (torch.save) file
     (lambda b: b[:8] + struct.pack("<I", 99) + b[12:], "newer than this hat reads"),
     (lambda b: b[:8] + struct.pack("<I", 0) + b[12:], "does not exist"),
+    (lambda b: b[:8] + struct.pack("<I", 1) + b[12:], "older hat.*recompile the model"),
 ])
 def test_damaged_files_are_refused_with_the_reason(program, tmp_path, damage, message):
     path = program.save(tmp_path / "m.hir")

@@ -48,7 +48,8 @@ from hat.integer.profile import TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
 
 MAGIC = b"\x89HIR\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: segment_lookup carries its table grid (internal_dtype, out_shift)
+OLDEST_READABLE = 2  # kernels' parameters changed since: older files are recompiled, not guessed at
 FORMAT_NAME = "hat.j5.program"
 _PREAMBLE = struct.Struct("<8sIIII")
 _DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
@@ -111,6 +112,10 @@ def _parse(blob: bytes) -> Program:
                           f"or recompile the model with this version")
     if version < 1:
         raise IRFileError(f"format version {version} does not exist; the file is corrupt")
+    if version < OLDEST_READABLE:
+        raise IRFileError(f"format version {version} was written by an older hat whose kernels took other "
+                          f"parameters: recompile the model (tools/train.py --stage int_infer, or "
+                          f"backend.compile(...).save(path))")
     head = blob[_PREAMBLE.size:_PREAMBLE.size + head_len]
     payload = blob[_PREAMBLE.size + head_len:]
     if len(head) != head_len:
