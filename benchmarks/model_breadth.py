@@ -1,0 +1,188 @@
+"""How far each torchvision classification model gets through the integer pipeline, and how close it stays to float.
+
+Per model (random init with batch-norm statistics set on the batches, so activations keep their scale instead of
+vanishing as in a fresh mobilenet_v3; num_classes 10, batch 4, 64x64, 224 where the architecture needs it):
+prepare_qat_fx ->
+calibration (2 batches) -> a QAT backward -> convert -> check -> compile -> program == quantized model (batch 4 and 1,
+and after a .hir save/load). Cosines against the float model's logits: QAT (validation state), quantized, and
+PyTorch's own torch.ao FX QAT flow (x86 qconfig mapping) on the same weights and batches.
+
+    python benchmarks/model_breadth.py [--models resnet18 vit_b_32 ...] [--max-params 100] [--out table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hat import backend, quant  # noqa: E402
+
+NEEDS_224 = ("maxvit", "vit_", "swin", "inception_v3", "googlenet")  # fixed-size internals or deep downsampling
+STAGES = ("build", "prepare", "calibration", "qat_step", "convert", "check", "compile", "bit_exact")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _inputs(name: str, batches: int = 3) -> list[torch.Tensor]:
+    size = 224 if name.startswith(NEEDS_224) else 64
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 3, size, size, generator=gen) for _ in range(batches)]
+
+
+def run_hat(name: str, float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict) -> None:
+    """Each stage in turn; row["stage"] is the last one that worked."""
+    x = xs[0]
+    with torch.no_grad():
+        reference = float_model(x)
+    qat = quant.prepare_qat_fx(float_model, None, example_inputs=(x,))
+    row["stage"] = "prepare"
+    quant.set_fake_quant_state(qat, "calibration")
+    qat.eval()
+    with torch.no_grad():
+        for batch in xs[1:]:
+            qat(batch)
+    row["stage"] = "calibration"
+    quant.set_fake_quant_state(qat, "qat")
+    loss = F.cross_entropy(qat(x), torch.arange(len(x)) % 10)
+    loss.backward()
+    if not torch.isfinite(loss) or any(p.grad is not None and not torch.isfinite(p.grad).all()
+                                       for p in qat.parameters()):
+        raise RuntimeError("non-finite QAT loss or gradient")
+    qat.zero_grad(set_to_none=True)
+    row["stage"] = "qat_step"
+    quant.set_fake_quant_state(qat, "validation")
+    with torch.no_grad():
+        row["cos_qat"] = _cosine(qat(x), reference)
+    qmodel = quant.convert(qat)
+    del qat
+    with torch.no_grad():
+        quantized = qmodel(x)
+    row["cos_quantized"] = _cosine(quantized, reference)
+    row["stage"] = "convert"
+    report = backend.check_model(qmodel, (x,), march="bayes")
+    if not report.deployable:
+        raise RuntimeError(str(report).replace("\n", " "))
+    row["stage"] = "check"
+    program = report.program
+    row["stage"] = "compile"
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
+        loaded = backend.load(program.save(Path(folder) / "m.hir"))
+        exact = (torch.equal(program.run(x), quantized) and torch.equal(loaded.run(x), quantized)
+                 and torch.equal(program.run(x[:1]), qmodel(x[:1])))
+    row["bit_exact"] = "yes" if exact else "NO"
+    if exact:
+        row["stage"] = "bit_exact"
+
+
+def run_torch_ao(float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict) -> None:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    x = xs[0]
+    with torch.no_grad():
+        reference = float_model(x)
+    prepared = prepare_qat_fx(copy.deepcopy(float_model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+    prepared.eval()
+    with torch.no_grad():
+        for batch in xs[1:]:
+            prepared(batch)
+        row["cos_torch_ao"] = _cosine(convert_fx(prepared)(x), reference)
+
+
+def _set_norm_statistics(model: torch.nn.Module, xs: list[torch.Tensor]) -> None:
+    """Batch-norm running statistics = those of the batches (cumulative average); weights untouched."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    model.eval()
+
+
+def measure(name: str, max_params_m: float) -> dict:
+    import torchvision
+
+    row = {"model": name, "stage": "-", "bit_exact": "-", "cos_qat": None, "cos_quantized": None,
+           "cos_torch_ao": None, "error": ""}
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    row["params_m"] = params
+    if params > max_params_m:
+        row["error"] = f"skipped: {params:.0f} M parameters > --max-params"
+        return row
+    row["stage"] = "build"
+    xs = _inputs(name)
+    _set_norm_statistics(model, xs)
+    try:
+        run_hat(name, model, xs, row)
+    except Exception as exc:  # the row says where and why; the next model runs
+        row["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        if "--trace" in sys.argv:
+            traceback.print_exc()
+    try:
+        run_torch_ao(model, xs, row)
+    except Exception as exc:
+        row["torch_ao_error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:80]
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    done = sum(r["stage"] == "bit_exact" for r in rows)
+    lines = [f"{done} of {len(rows)} models reach a bit-exact program.", "",
+             "| model | M params | furthest stage | bit-exact | cos QAT/float | cos quantized/float | "
+             "cos torch.ao/float | s | first error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        error = r["error"].replace("|", "/")
+        lines.append(f"| {r['model']} | {r.get('params_m', 0):.1f} | {r['stage']} | {r['bit_exact']} | "
+                     f"{_fmt(r['cos_qat'])} | {_fmt(r['cos_quantized'])} | {_fmt(r['cos_torch_ao'])} | "
+                     f"{r.get('seconds', 0):.0f} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torchvision
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", help="default: every torchvision classification model")
+    parser.add_argument("--max-params", type=float, default=150.0, help="skip models above this many M parameters")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--trace", action="store_true", help="print each failure's traceback")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        rows.append(measure(name, args.max_params))
+        r = rows[-1]
+        print(f"{name:24s} {r['stage']:12s} {r['bit_exact']:4s} qat {_fmt(r['cos_qat'])} q {_fmt(r['cos_quantized'])} "
+              f"ao {_fmt(r['cos_torch_ao'])} {r.get('seconds', 0):5.0f}s {r['error'][:100]}", flush=True)
+        gc.collect()
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
