@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from hat.quant.fake_quantize import set_fake_quant_state
+from hat.quant.float_part import FloatPart
 from hat.quant.fuse import find_sequential_groups, fuse_modules, replace_module
 from hat.quant.module_table import float_op, qat_op
 from hat.quant.qconfig import QConfig, effective_qconfigs, get_default_qat_qconfig
@@ -28,10 +29,18 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
     qconfigs = effective_qconfigs(model, qconfig_dict)
     _refuse_mixed_marches(qconfigs)
     _refuse_subclassed_layers(model, qconfigs)
-    fuse_modules(model, find_sequential_groups(model))
+    groups = find_sequential_groups(model)
+    fuse_modules(model, groups)
+    fused_away = {name for group in groups for name in group[1:]}  # now nn.Identity: part of the fused layer
     swapped: list[str] = []
     for name, module in list(model.named_modules()):
-        if any(name.startswith(prefix + ".") for prefix in swapped) or qconfigs.get(name) is None:
+        if any(name.startswith(prefix + ".") for prefix in swapped):
+            continue
+        if qconfigs.get(name) is None:
+            outer = _float_part_qconfig(model, name, module, qconfigs, fused_away)
+            if outer is not None:  # an explicit float part inside a quantized module: float in between
+                replace_module(model, name, FloatPart(module, outer, name))
+                swapped.append(name)
             continue
         op = float_op(module)
         if op is not None:
@@ -42,6 +51,19 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
             swapped.append(name)
     set_fake_quant_state(model, "qat")
     return model
+
+
+def _float_part_qconfig(model: nn.Module, name: str, module: nn.Module, qconfigs: dict[str, Optional[QConfig]],
+                        fused_away: set[str]) -> Optional[QConfig]:
+    """The qconfig of the parent of `name` when `name` is an explicit float part inside a quantized module (qconfig
+    None, parent quantized): prepare_qat wraps it in a FloatPart. None for the rest: the root, modules the fusion
+    emptied, containers without forward, and the parts outside the deploy model (`NON_DEPLOY`: loss, aux heads),
+    which get float inputs and stay exactly as they are."""
+    parent = name.rpartition(".")[0]
+    if (not name or name not in qconfigs or name in fused_away or name in getattr(model, "NON_DEPLOY", ())
+            or isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))):
+        return None
+    return qconfigs.get(parent)
 
 
 def _refuse_mixed_marches(qconfigs: dict[str, Optional[QConfig]]) -> None:

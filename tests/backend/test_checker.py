@@ -66,8 +66,8 @@ def test_a_loss_in_the_deploy_model_is_named():
 def test_a_layer_without_qconfig_is_named_with_the_fix():
     model = Net(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
     qconfig_dict = {"": quant.get_default_qat_qconfig(), "module_name": [("layers.1", None)]}
-    with pytest.raises(quant.QuantizationError):  # QAT cannot run it either; build the converted model by hand
-        _report(model, (3, 8, 8), qconfig_dict)
+    finding = _only(_report(model, (3, 8, 8), qconfig_dict), "float_module")  # QAT ran it in float
+    assert finding.module == "layers.1" and "quant.float_modules" in finding.message
     qmodel = calibrate_and_convert(Net(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)), [torch.randn(2, 3, 8, 8)])
     qmodel.layers.append(nn.Conv2d(8, 8, 1))
     finding = _only(backend.check_model(qmodel, (torch.randn(1, 3, 8, 8),)), "trace")

@@ -105,6 +105,7 @@ def export_requested() -> bool:
 # --- pass 1: the modules ---------------------------------------------------------------------------------------------
 def _module_findings(model: nn.Module, march: str) -> Iterator[Finding]:
     from hat.quant.fake_quantize import FakeQuantize
+    from hat.quant.float_part import FloatPart
     from hat.quant.quantized import QuantizedQuantStub
 
     if not isinstance(model, nn.Module):
@@ -120,6 +121,9 @@ def _module_findings(model: nn.Module, march: str) -> Iterator[Finding]:
                                      "model. Prepare it (prepare_qat / prepare_qat_fx), calibrate, train and convert")
         return
     for name, module in modules.items():
+        if isinstance(module, FloatPart):
+            yield Finding("float_module", module.hat_name or name, _float_part_message(module.hat_name or name, march))
+    for name, module in modules.items():
         built_for = getattr(getattr(module, "profile", None), "march", march)
         if built_for != march:
             yield Finding("march", name, f"converted for march '{built_for}' (the qconfig's march at prepare_qat), "
@@ -127,6 +131,12 @@ def _module_findings(model: nn.Module, march: str) -> Iterator[Finding]:
                                          f"Prepare, train and convert with march='{march}' (quant.march), or check "
                                          f"for '{built_for}'")
             return
+
+
+def _float_part_message(name: str, march: str) -> str:
+    return (f"module '{name}' runs in float (quant.float_modules / qconfig None): the integer program cannot hold "
+            f"it, so the model cannot be compiled for {march}. Give it a qconfig to deploy: remove '{name}' from "
+            f"quant.float_modules (or its None entry in the qconfig_dict), then calibrate, train and convert again")
 
 
 def _refuse_float_module(name: str, m: nn.Module) -> None:
