@@ -248,6 +248,17 @@ def extremum(x: torch.Tensor, y: torch.Tensor, *, minimum: bool, multipliers: Se
     return torch.minimum(a, b) if minimum else torch.maximum(a, b)
 
 
+def prelu(x: torch.Tensor, *, pos_multiplier: int, pos_shift: int, neg_multiplier: torch.Tensor,
+          neg_shift: torch.Tensor, channel_axis: int, out_dtype: str) -> torch.Tensor:
+    """PReLU, exact piecewise-linear (no table): x >= 0 and x < 0 each requantized by its own multiplier and shift.
+    x >= 0: (pos_multiplier, pos_shift) = s_in / s_out; x < 0: (neg_multiplier[c], neg_shift[c]) = slope[c] * s_in /
+    s_out, a signed int16 multiplier, one value or one per channel along `channel_axis`."""
+    acc = x.long()
+    positive = requantize(acc, pos_multiplier, pos_shift, out_dtype)
+    negative = requantize(acc, neg_multiplier, neg_shift, out_dtype, channel_axis)
+    return torch.where(acc >= 0, positive, negative)
+
+
 # --- look-up tables (nonlinear element-wise ops; tables built at convert time by lut.py) ----------------------------
 def lookup(x: torch.Tensor, *, table: torch.Tensor, out_dtype: str) -> torch.Tensor:
     """f by an exact table: one entry per integer of x's dtype, out = table[x - min(dtype)] (an int8 input)."""
@@ -318,7 +329,82 @@ def _half(shift: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(shift), shift), 1)
 
 
+# --- softmax / log_softmax over a dim (tables built at convert time by lut.softmax_params) ---------------------------
+def softmax_lut(x: torch.Tensor, *, dim: int, log: bool, d_shift: int, internal_dtype: str,
+                exp_table: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None,
+                tables: Optional[torch.Tensor] = None, index_multiplier: Optional[torch.Tensor] = None,
+                index_shift: Optional[torch.Tensor] = None, index_bits: Optional[torch.Tensor] = None,
+                line_multiplier: Optional[torch.Tensor] = None, line_shift: Optional[torch.Tensor] = None,
+                line_offset: Optional[torch.Tensor] = None, mantissa_table: torch.Tensor, fraction_bits: int,
+                recip_shift: Optional[int] = None, multiplier: Optional[int] = None, shift: Optional[int] = None,
+                ln2: Optional[int] = None, log_offset: Optional[int] = None, out_dtype: str) -> torch.Tensor:
+    """softmax (log_softmax when `log`) of int8/int16 x over `dim`: exp table of x - max, int32 sum, mantissa table.
+
+    d = x - max(x, dim) (<= 0); d' = (d + 2^(d_shift-1)) >> d_shift; e = exp(d') on the `internal_dtype` grid
+    (exp(0) = its qmax): exp_table[min(-d', len - 1)] (an int8 input) or segment_lookup of d' saturated to int16;
+    S = sum of e over dim (int32), n its leading-bit position, a = S * 2^(w - n) rounded half up, w = b +
+    fraction_bits (mantissa_table has 2^b + 1 entries, mantissa a / 2^w in [1, 2]); t = the table interpolated at a
+    (entry j = (a >> fraction_bits) - 2^b, the fraction bits between j and j + 1, rounded half up).
+    softmax: (e * t + 2^(s-1)) >> s, s = n + recip_shift, saturated to [0, qmax].
+    log_softmax: (d * multiplier - n * ln2 - t + log_offset + 2^(shift-1)) >> shift, saturated to [qmin, 0]."""
+    segments = dict(points=points, tables=tables, index_multiplier=index_multiplier, index_shift=index_shift,
+                    index_bits=index_bits, line_multiplier=line_multiplier, line_shift=line_shift,
+                    line_offset=line_offset)
+    if (exp_table is None) == (points is None) or (None in (multiplier, shift, ln2, log_offset) if log
+                                                   else recip_shift is None):
+        raise ValueError("softmax_lut takes exp_table or the segmented exp tables (points, ...), and multiplier, "
+                         "shift, ln2, log_offset (log_softmax) or recip_shift (softmax)")
+    round_shift = ops.reference.shift_right_round
+    d = x.long() - x.long().amax(dim=dim, keepdim=True)
+    e = _exp_of_difference(round_shift(d, d_shift), exp_table, segments, internal_dtype)
+    total = e.sum(dim=dim, keepdim=True).clamp(min=1)
+    n = _leading_bit(total)
+    t = _mantissa_lookup(total, n, mantissa_table, fraction_bits)
+    qmin, qmax = qrange(out_dtype)
+    if log:
+        out = round_shift(d * multiplier - n * ln2 - t + log_offset, shift).clamp(qmin, min(qmax, 0))
+    else:
+        out = round_shift(e * t, (n + recip_shift).clamp(0, 62)).clamp(0, qmax)
+    return out.to(TORCH_DTYPES[out_dtype])
+
+
+def _exp_of_difference(d: torch.Tensor, exp_table: Optional[torch.Tensor], segments: dict,
+                       internal_dtype: str) -> torch.Tensor:
+    """exp of d (<= 0) on the internal grid, >= 0: the exact table (index -d, saturated to its last entry) or the
+    segmented tables (d saturated to their int16 input)."""
+    if exp_table is not None:
+        e = torch.take(exp_table.long(), (-d).clamp(0, exp_table.shape[0] - 1))
+    else:
+        small = segments["points"].dtype
+        e = segment_lookup(d.clamp(min=torch.iinfo(small).min).to(small), **segments, odd=False,
+                           internal_dtype=internal_dtype, out_shift=0, out_dtype=internal_dtype).long()
+    return e.clamp(0, qrange(internal_dtype)[1])
+
+
+def _leading_bit(v: torch.Tensor) -> torch.Tensor:
+    """floor(log2(v)) of v >= 1 (int64), by halving steps: integer ops only."""
+    n = torch.zeros_like(v)
+    for step in (32, 16, 8, 4, 2, 1):
+        high = torch.bitwise_right_shift(v, step)
+        v, n = torch.where(high > 0, high, v), n + (high > 0).long() * step
+    return n
+
+
+def _mantissa_lookup(total: torch.Tensor, n: torch.Tensor, table: torch.Tensor, fraction_bits: int) -> torch.Tensor:
+    """The table (2^b + 1 entries over mantissas [1, 2]) at total / 2^n, interpolated over `fraction_bits` bits."""
+    entries = table.shape[0] - 1
+    if entries < 1 or entries & (entries - 1):
+        raise ValueError(f"softmax_lut: mantissa_table has {entries + 1} entries; it takes 2^b + 1")
+    bits = entries.bit_length() - 1
+    width = torch.as_tensor(bits + fraction_bits, dtype=torch.int64, device=total.device)
+    right = ops.reference.shift_right_round(total, (n - width).clamp(min=0))
+    a = torch.where(n > width, right, torch.bitwise_left_shift(total, (width - n).clamp(min=0)))
+    whole = torch.bitwise_right_shift(a, fraction_bits)
+    j, fraction = (whole - (1 << bits)).clamp(0, entries), a - torch.bitwise_left_shift(whole, fraction_bits)
+    low, high = torch.take(table.long(), j), torch.take(table.long(), (j + 1).clamp(max=entries))
+    return low + torch.bitwise_right_shift((high - low) * fraction + ((1 << fraction_bits) >> 1), fraction_bits)
+
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     f.__name__: f for f in (quantize, dequantize, conv2d, linear, add, mul, add_scalar, mul_scalar, cat, identity,
                             clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest, layout, index,
-                            concat, grid_sample, mean, extremum, lookup, segment_lookup)}
+                            concat, grid_sample, mean, extremum, lookup, segment_lookup, softmax_lut, prelu)}

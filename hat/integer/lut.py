@@ -14,6 +14,10 @@ See ../shared/J5_ARITHMETIC.md, "Look-up tables".
   split the rest evenly, by equal shares of |f''| (the reference's "curvature") or, by default, so that the largest
   interpolation error max|f''| * h^2 / 8 of the six tables is the smallest ("minimax": equal shares of |f''| leave
   the flat end of exp, log, 1/x in one wide table; benchmarks/RESULTS.md, "Look-up tables").
+- softmax / log_softmax over a dim (`softmax_params`, run by `kernels.softmax_lut`): exp of d = x - max(x) by an
+  exact table (int8 input, 256 entries) or a segmented one (int16 input), the int32 sum S = 2^n * m normalized, and
+  a table of 2^8 + 1 entries over the mantissa m in [1, 2] (interpolated, 8 fraction bits): 2^K / (m * s_out) for
+  softmax, ln(m) * 2^F / s_out for log_softmax.
 Values f cannot give (log 0, 1/0, sqrt of a negative) are defined here, once: NaN -> 0, +-inf -> the output's
 saturation bound.
 """
@@ -24,6 +28,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from hat.integer.arith import multiplier_and_shift
+from hat.integer.kernels import segment_lookup
 from hat.integer.profile import TORCH_DTYPES, Profile
 
 FloatFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -257,3 +263,94 @@ def _fixed_point(value: float, profile: Profile) -> tuple[int, int]:
 
 def _round_half_up(v: float) -> int:
     return math.floor(v + 0.5)
+
+
+# --- softmax / log_softmax over a dim: exp of d = x - max, the sum's mantissa table ---------------------------------
+SOFTMAX_MANTISSA_BITS = 8  # the sum's mantissa table: 2^8 + 1 entries over mantissas [1, 2]
+SOFTMAX_FRACTION_BITS = 8  # interpolation bits between entries: the mantissa is rounded to 16 fraction bits
+RECIPROCAL_MAX = 2 ** 16 - 1  # reciprocal entries: an exp value (< 2^15) times an entry stays below 2^31 (int32)
+LOG_CONSTANT_MAX = 2 ** 31 - 1  # log_softmax's stored constants and entries are int32
+
+
+def softmax_params(in_scale: float, in_dtype: str, out_scale: float, out_dtype: str, *, log: bool,
+                   profile: Profile) -> dict[str, Any]:
+    """The keyword arguments of kernels.softmax_lut (all but `dim`) for these scales: the exp stage ("exp_table"
+    for an int8 input, else the segmented-table tensors of segment_table, "d_shift", "internal_dtype"), the sum's
+    mantissa table ("mantissa_table", "fraction_bits") and "recip_shift" (softmax) or "multiplier", "shift",
+    "ln2", "log_offset" (log_softmax). ValueError when the scales leave the integer ranges."""
+    exp = _exp_stage(float(in_scale), in_dtype, profile)
+    e_top = int(exp.pop("e_top"))
+    if e_top < 1:
+        raise ValueError(f"exp(0) is {e_top} on the {profile.lut_internal_dtype} grid; the sum would be 0")
+    params = dict(exp, mantissa_table=None, fraction_bits=SOFTMAX_FRACTION_BITS, recip_shift=None, multiplier=None,
+                  shift=None, ln2=None, log_offset=None, log=bool(log), out_dtype=out_dtype)
+    grid = profile.qrange(profile.lut_internal_dtype)[1]  # exp(0) on the table grid: e = exp(d * s) * grid
+    if log:
+        params.update(_log_stage(float(in_scale), float(out_scale), grid, profile))
+    else:
+        params.update(_reciprocal_stage(float(out_scale), e_top.bit_length() - 1))
+    return params
+
+
+def _exp_stage(s_in: float, in_dtype: str, profile: Profile) -> dict[str, Any]:
+    """exp(d * s_in) on the internal grid (exp(0) = its qmax): an exact table over d in [-(qmax - qmin), 0] (256
+    entries for int8, index -d); for a wider input a segmented table over d' = d >> d_shift (rounded) saturated to
+    int16: d_shift 1 only when exp is still above half a grid step below d = -32768 (s_in < ln(2 qmax) / 32768)."""
+    internal = profile.lut_internal_dtype
+    grid = profile.qrange(internal)[1]
+    qmin, qmax = profile.qrange(in_dtype)
+    if in_dtype == "qint8":
+        d = -torch.arange(qmax - qmin + 1, dtype=torch.float64) * s_in
+        table = on_output_grid(torch.exp(d), 1.0 / grid, internal, profile)
+        return {"exp_table": table, "d_shift": 0, "internal_dtype": internal, "e_top": int(table[0])}
+    low = profile.qrange("qint16")[0]
+    reach, d_shift = math.log(2 * grid) / s_in, 0  # d beyond -reach: exp below half a step, 0 on the grid
+    while reach / 2 ** d_shift > -low and (qmax - qmin) / 2 ** d_shift > -low:
+        d_shift += 1
+    s_d = s_in * 2 ** d_shift
+    segments = segment_table(torch.exp, s_d, "qint16", 1.0 / grid, internal, input_range=(low * s_d, 0.0),
+                             profile=profile)
+    keep = ("points", "tables", "index_multiplier", "index_shift", "index_bits", "line_multiplier", "line_shift",
+            "line_offset")
+    params = {k: segments[k] for k in keep}
+    top = segment_lookup(torch.zeros(1, dtype=torch.int16), **params, odd=False, internal_dtype=internal,
+                         out_shift=0, out_dtype=internal)
+    return dict(params, exp_table=None, d_shift=d_shift, internal_dtype=internal, e_top=int(top[0]))
+
+
+def _mantissas() -> torch.Tensor:
+    """The table's mantissas 1 + i / 2^bits, i = 0 .. 2^bits (float64)."""
+    entries = 2 ** SOFTMAX_MANTISSA_BITS
+    return 1 + torch.arange(entries + 1, dtype=torch.float64) / entries
+
+
+def _reciprocal_stage(s_out: float, least_bit: int) -> dict[str, Any]:
+    """Entries round_half_up(2^K / (m * s_out)) (the output scale folded in), K as large as keeps them <= 2^16 - 1;
+    out = (e * entry) >> (n + K). `least_bit`: the sum's smallest leading-bit position (that of exp(0))."""
+    top = 1.0 / s_out
+    k = math.floor(math.log2(RECIPROCAL_MAX / top))
+    while _round_half_up(top * 2.0 ** k) > RECIPROCAL_MAX:
+        k -= 1
+    if least_bit + k < 0:
+        raise ValueError(f"output scale {s_out:g} is too small for the reciprocal table (1 / scale above "
+                         f"{RECIPROCAL_MAX * 2 ** least_bit})")
+    table = torch.floor(2.0 ** k / (_mantissas() * s_out) + 0.5).to(torch.int32)
+    return {"mantissa_table": table, "recip_shift": k}
+
+
+def _log_stage(s_in: float, s_out: float, grid: int, profile: Profile) -> dict[str, Any]:
+    """log_softmax = d * s_in - ln(S / grid), S = 2^n * m: in units of s_out / 2^F, d * multiplier - n * ln2 -
+    table(m) + log_offset, then (v + 2^(F-1)) >> F. multiplier / 2^F ~ s_in / s_out (int16 multiplier), F lowered
+    until the constants (ln(grid) * 2^F / s_out the largest) fit int32."""
+    multiplier, shift = (int(v) for v in multiplier_and_shift(torch.tensor(s_in / s_out), profile))
+    if shift == 0 and s_in / s_out > profile.multiplier_max:
+        raise ValueError(f"input scale {s_in:g} is over {profile.multiplier_max} times the output scale {s_out:g}")
+    while shift > 0 and _round_half_up(max(math.log(grid), math.log(2)) * 2.0 ** shift / s_out) > LOG_CONSTANT_MAX:
+        shift -= 1
+        multiplier = _round_half_up(s_in / s_out * 2.0 ** shift)
+    if multiplier < 1:
+        raise ValueError(f"input scale {s_in:g} is too small next to the output scale {s_out:g} for log_softmax")
+    unit = 2.0 ** shift / s_out
+    table = torch.floor(torch.log(_mantissas()) * unit + 0.5).to(torch.int32)
+    return {"mantissa_table": table, "multiplier": multiplier, "shift": shift,
+            "ln2": _round_half_up(math.log(2) * unit), "log_offset": _round_half_up(math.log(grid) * unit)}

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from hat.quant import elementwise
+from hat.quant import elementwise, prelu, softmax
 from hat.quant.fuse import FusedLayer
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub, _QATWeighted
 from hat.quant.qconfig import QConfig
@@ -74,6 +74,14 @@ MODULE_OPS: tuple[ModuleOp, ...] = (
     ModuleOp("elementwise", lambda m: elementwise.table_op(m) is not None, elementwise.qat_module,
              elementwise.QATElementwise, elementwise.quantized_module,
              "the nn modules of the element-wise table below, and `hat.quant.ElementwiseOp`"),
+    ModuleOp("prelu", lambda m: isinstance(m, nn.PReLU), prelu.qat_module, prelu.QATPReLU, prelu.quantized_module,
+             "`nn.PReLU` (one slope or one per channel; prepare_qat_fx rewrites `F.prelu(x, weight)`): exact "
+             "piecewise-linear kernel, the slope keeps training in QAT"),
+    ModuleOp("softmax", lambda m: softmax.softmax_of(m) is not None, softmax.qat_module, softmax.QATSoftmax,
+             softmax.quantized_module,
+             "`nn.Softmax`, `nn.LogSoftmax`, `nn.Softmax2d` and `hat.quant.softmax.SoftmaxOp` (prepare_qat_fx "
+             "rewrites `F.softmax`, `torch.softmax`, `x.softmax` and the log_softmax calls) over a non-batch dim: "
+             "exp table of x - max, int32 sum, mantissa table (`softmax_lut`)"),
 )
 _BY_QAT_TYPE = {op.qat: op for op in MODULE_OPS}
 

@@ -128,7 +128,14 @@ class QTensor:
     def __truediv__(self, other: Any) -> "QTensor":
         if isinstance(other, (int, float)) and other != 0:
             return self * (1.0 / other)
-        raise QuantizationError("dividing a QTensor is only defined by a non-zero Python number")
+        if isinstance(other, (int, float)):
+            raise QuantizationError("dividing a QTensor by zero")
+        raise QuantizationError(
+            "'/' by a tensor needs a reciprocal table and an output scale, which only modules can learn: prepare the "
+            "model with prepare_qat_fx, which rewrites x / y into x * reciprocal(y), or hold self.reciprocal = "
+            "hat.quant.ElementwiseOp('reciprocal') and self.f = FloatFunctional() in __init__ and compute "
+            "self.f.mul(x, self.reciprocal(y)) in forward (a QTensor divides directly only by a non-zero Python "
+            "number)")
 
     def __getitem__(self, index: Any) -> "QTensor":
         try:

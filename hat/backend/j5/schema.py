@@ -134,6 +134,10 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
         "mean": {**requantized, "dims": dict(kind="ints", low=1, high=MAX_RANK - 1)},
         "extremum": {"multipliers": dict(multiplier, per_input=True), "shifts": dict(shift, per_input=True),
                      "out_dtype": dict(choices=tuple(QRANGES))},
+        "prelu": {"pos_multiplier": multiplier, "pos_shift": shift,
+                  "neg_multiplier": dict(multiplier, dtypes=_INTS, by_value=True),
+                  "neg_shift": dict(shift, dtypes=_INTS, by_value=True), "channel_axis": dim,
+                  "out_dtype": dict(choices=p.activation_dtypes)},
         "resize_nearest": {"size": dict(window, optional=True),
                            "scale_factor": dict(kind="floats", low=_POSITIVE, high=tensor.max_hwc, optional=True)},
         "layout": {"method": dict(choices=LAYOUT_METHODS), "args": dict(kind="layout_args", **layout_ints),
@@ -142,6 +146,7 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
         "concat": {"dim": dim},
         "lookup": {"table": dict(dtypes=_INTS, low=-2**31, high=2**31 - 1), "out_dtype": dict(choices=tuple(QRANGES))},
         "segment_lookup": _segmented_ranges(p),
+        "softmax_lut": _softmax_ranges(p),
         "grid_sample": {"grid_scale": scale, "coord_shift": dict(low=0, high=grid.max_coord_shift),
                         "mode": dict(choices=grid.modes), "padding_mode": dict(choices=grid.padding_modes)},
     }
@@ -163,6 +168,22 @@ def _segmented_ranges(p: Profile) -> dict[str, dict[str, Any]]:
                                 high=p.qrange(p.accumulator_dtype)[1]),
             "internal_dtype": dict(choices=(p.lut_internal_dtype,)),
             "out_shift": dict(low=0, high=max(map(p.lut_output_shift, p.activation_dtypes))),
+            "out_dtype": dict(choices=p.activation_dtypes)}
+
+
+def _softmax_ranges(p: Profile) -> dict[str, dict[str, Any]]:
+    """softmax_lut: the exp stage as lookup's / segment_lookup's (entries on the internal grid, >= 0), an int32
+    mantissa table, multiplier and shifts as in requantization, int32 log constants (lut.softmax_params)."""
+    segmented = {k: v for k, v in _segmented_ranges(p).items()
+                 if k not in ("internal_dtype", "out_shift", "out_dtype")}
+    internal, int32_max = p.lut_internal_dtype, p.qrange("qint32")[1]
+    return {**segmented, "dim": dict(low=1, high=MAX_RANK - 1), "d_shift": dict(low=0, high=16),
+            "internal_dtype": dict(choices=(internal,)),
+            "exp_table": dict(dtypes=(TORCH_DTYPES[internal],), low=0, high=p.qrange(internal)[1]),
+            "mantissa_table": dict(dtypes=(torch.int32,), low=0, high=int32_max),
+            "fraction_bits": dict(low=0, high=16), "recip_shift": dict(low=-p.max_shift, high=p.max_shift),
+            "multiplier": dict(low=1, high=p.multiplier_max), "shift": dict(low=0, high=p.max_shift),
+            "ln2": dict(low=0, high=int32_max), "log_offset": dict(low=0, high=int32_max),
             "out_dtype": dict(choices=p.activation_dtypes)}
 
 
@@ -351,6 +372,15 @@ def _weighted(rank: int) -> Callable[[dict], Optional[str]]:
     return check
 
 
+def _prelu(params: dict) -> Optional[str]:
+    """prelu: one negative-side multiplier and shift per slope (1, or one per channel)."""
+    multiplier, shift = params["neg_multiplier"], params["neg_shift"]
+    if multiplier.dim() != 1 or shift.dim() != 1 or multiplier.numel() != shift.numel() or not multiplier.numel():
+        return (f"parameters 'neg_multiplier' and 'neg_shift' have shapes {list(multiplier.shape)} and "
+                f"{list(shift.shape)}; expected one 1-d list each, of equal length (1, or one per channel)")
+    return None
+
+
 def _exact_table(params: dict) -> Optional[str]:
     table = params["table"]
     if list(table.shape) != [256]:
@@ -383,9 +413,40 @@ def _segmented(p: Profile) -> Callable[[dict], Optional[str]]:
     return check
 
 
+def _softmax(p: Profile) -> Callable[[dict], Optional[str]]:
+    """softmax_lut: one exp stage (an exact table, or every segmented tensor with segment_lookup's shapes), a
+    mantissa table of 2^b + 1 entries, and the constants of its mode (softmax or log_softmax)."""
+    segmented, names = _segmented(p), ("points", "tables", "index_multiplier", "index_shift", "index_bits",
+                                       "line_multiplier", "line_shift", "line_offset")
+
+    def check(params: dict) -> Optional[str]:
+        given = [name for name in names if params.get(name) is not None]
+        if (params.get("exp_table") is None) == (len(given) == 0) or 0 < len(given) < len(names):
+            return "softmax_lut takes either 'exp_table' or all of the segmented exp tables (" + ", ".join(names) + ")"
+        problem = segmented(params) if given else None
+        if problem:
+            return problem
+        if params.get("exp_table") is not None and params["exp_table"].dim() != 1:
+            return f"parameter 'exp_table' has shape {list(params['exp_table'].shape)}; expected one dim"
+        table = params.get("mantissa_table")
+        entries = -1 if table is None or table.dim() != 1 else table.numel() - 1
+        if entries < 1 or entries & (entries - 1) or entries > 2 ** 16:
+            return f"parameter 'mantissa_table' has shape {None if table is None else list(table.shape)}; " \
+                   f"expected [2^b + 1], b in [0, 16]"
+        mode = ("multiplier", "shift", "ln2", "log_offset") if params.get("log") else ("recip_shift",)
+        missing = [name for name in mode if params.get(name) is None]
+        if missing:
+            return f"{'log_softmax' if params.get('log') else 'softmax'} needs parameter(s) {', '.join(missing)}"
+        return None
+
+    return check
+
+
 RELATIONS: dict[str, Callable[[dict], Optional[str]]] = {"conv2d": _weighted(4), "linear": _weighted(2),
                                                          "lookup": _exact_table,
-                                                         "segment_lookup": _segmented(get_profile("bayes"))}
+                                                         "prelu": _prelu,
+                                                         "segment_lookup": _segmented(get_profile("bayes")),
+                                                         "softmax_lut": _softmax(get_profile("bayes"))}
 
 
 def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
@@ -407,7 +468,9 @@ def _activation_input(x: torch.Tensor) -> Optional[str]:
 
 
 INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
-                                                         "segment_lookup": _activation_input}
+                                                         "softmax_lut": _activation_input,
+                                                         "segment_lookup": _activation_input,
+                                                         "prelu": _activation_input}
 
 
 def check_inputs(op: str, inputs: list[torch.Tensor]) -> Optional[str]:
