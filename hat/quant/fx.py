@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from hat.quant import optable
+from hat.quant import fx_tracer, optable
 from hat.quant.convert import convert
 from hat.quant.elementwise import ElementwiseOp
 from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer, replace_module
+from hat.quant.fx_tracer import ShapeBranchError, ShapeTracer
 from hat.quant.prepare import copy_model, prepare_qat
 from hat.quant.qtensor import QuantizationError
+from hat.quant.softmax import SoftmaxOp, checked_dim
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
 def _is_method(f: Any) -> bool:
@@ -58,12 +60,15 @@ def quant_friendly(model: nn.Module, example_inputs: Sequence[torch.Tensor], stu
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise ValueError("prepare_qat_fx needs example_inputs=(x,) (a tuple of the forward's arguments) to tell "
                          "tensor arithmetic from shape arithmetic")
-    gm = _trace(copy_model(model).eval())
+    gm = _trace(copy_model(model).eval(), example_inputs)
     ShapeProp(gm).propagate(*example_inputs)
     if stubs:
         _add_stubs(gm)
     _fuse(gm)
     _rewrite_elementwise(gm)
+    _rewrite_softmax(gm)
+    _rewrite_prelu(gm)
+    _rewrite_division(gm)
     _rewrite_tensor_arithmetic(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -76,20 +81,21 @@ def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
     return convert(model)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True  # so messages can name the user's line of a rewritten call
+def _trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    tracer = ShapeTracer(example_inputs)  # branches on shapes follow the example; on tensor values they fail
     try:
-        return fx.GraphModule(tracer.root if hasattr(tracer, "root") else model, tracer.trace(model),
-                              type(model).__name__)
+        return fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except fx.proxy.TraceError as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename
+                  and f.filename != fx_tracer.__file__]
         where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "the model's forward"
+        if isinstance(exc, ShapeBranchError):
+            raise QuantizationError(f"prepare_qat_fx cannot trace {type(model).__name__}: {where}: {exc}") from None
         raise QuantizationError(
             f"prepare_qat_fx cannot trace {type(model).__name__}: {where} uses a tensor value in Python control "
-            f"flow (if/for/while/assert), which graph mode cannot record (FAQ 2.4 Q10). Make the branch depend "
-            f"on shapes or settings instead of tensor values, move it out of forward, or use the eager "
-            f"prepare_qat with QuantStub/DeQuantStub") from None
+            f"flow ({exc}), which graph mode cannot record (FAQ 2.4 Q10; branches on shapes are fine). Make the "
+            f"branch depend on shapes or settings, move it out of forward, or use the eager prepare_qat with "
+            f"QuantStub/DeQuantStub") from None
 
 
 def _add_stubs(gm: fx.GraphModule) -> None:
@@ -187,7 +193,7 @@ def _bind(node: fx.Node, op: optable.Elementwise) -> dict[str, Any]:
 def _where(node: fx.Node) -> str:
     """Where the user wrote `node`: 'file.py:12: y = a + b' (the last frame of its stack trace)."""
     frames = re.findall(r'File "([^"]+)", line (\d+), in \S+(?:\n {3,}(?!File)(.*))?', node.meta.get("stack_trace") or "")
-    user = [frame for frame in frames if "/torch/" not in frame[0]]
+    user = [frame for frame in frames if "/torch/" not in frame[0] and frame[0] != fx_tracer.__file__]
     if not user:
         return "the forward"
     path, line, code = user[-1]
@@ -211,6 +217,137 @@ def _rewrite_elementwise(gm: fx.GraphModule) -> None:
         name, arguments = found
         target = f"{node.name}_lut"
         gm.add_submodule(target, _from_source(ElementwiseOp(name, **arguments), node))
+        with graph.inserting_before(node):
+            replacement = graph.call_module(target, (node.args[0],))
+        replacement.meta = node.meta
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+
+def _rewrite_prelu(gm: fx.GraphModule) -> None:
+    """F.prelu(x, weight) / torch.prelu / x.prelu(weight), weight a parameter (or buffer) the model holds -> an
+    nn.PReLU module holding that very parameter (QAT keeps training it), which prepare_qat swaps for QATPReLU. A
+    weight computed in forward is refused: the quantized PReLU needs its slopes at convert."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not ((node.op == "call_function" and node.target is F.prelu)
+                or (node.op == "call_method" and node.target == "prelu")):
+            continue
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if not _is_tensor(x):
+            continue
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            raise QuantizationError(f"prepare_qat_fx: prelu in {_where(node)} takes a weight computed in forward; "
+                                    f"hold the slopes as an nn.Parameter of the model (or use nn.PReLU), so that "
+                                    f"convert can turn them into integer multipliers")
+        value = gm.get_parameter(weight.target) if _is_parameter(gm, weight.target) else \
+            gm.get_buffer(weight.target)
+        if value.dim() > 1:
+            raise QuantizationError(f"prepare_qat_fx: prelu in {_where(node)} has a weight of shape "
+                                    f"{list(value.shape)}; PReLU takes one slope or one per channel (1-d)")
+        module = nn.PReLU(num_parameters=max(value.numel(), 1))
+        # the model's own parameter (trained on); a buffer is a fixed slope
+        module.weight = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach().clone(), False)
+        target = f"{node.name}_prelu"
+        gm.add_submodule(target, _from_source(module, node))
+        with graph.inserting_before(node):
+            replacement = graph.call_module(target, (x,))
+        replacement.meta = node.meta
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        if not weight.users:
+            graph.erase_node(weight)
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
+
+
+_DIVISIONS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide)
+_DIVISION_METHODS = ("div", "true_divide", "divide")
+
+
+def _rewrite_division(gm: fx.GraphModule) -> None:
+    """a / b, torch.div(a, b), torch.true_divide(a, b), a.div(b) with a tensor b -> a * reciprocal(b): the
+    reciprocal an ElementwiseOp("reciprocal") (a table op with an observed output scale), the product a tensor-tensor
+    mul that _rewrite_tensor_arithmetic makes a FloatFunctional call (for a number a: reciprocal(b) * a, which the
+    QTensor does on its grid). A denominator computed from the model's own tensors only keeps its reciprocal in
+    float (the mul quantizes it). Division by a number needs no rewrite (QTensor.__truediv__);
+    rounding_mode='floor'/'trunc' is refused."""
+    graph = gm.graph
+    from_input: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
+            from_input.add(node)
+    for node in list(graph.nodes):
+        if not ((node.op == "call_function" and node.target in _DIVISIONS)
+                or (node.op == "call_method" and node.target in _DIVISION_METHODS)) or len(node.args) != 2:
+            continue
+        a, b = node.args
+        if node not in from_input or not (_is_tensor(a) or _is_tensor(b)):
+            continue  # constants only (float arithmetic, quantized where the model uses it) or shape arithmetic
+        kwargs = dict(node.kwargs)
+        rounding_mode = kwargs.pop("rounding_mode", None)
+        if rounding_mode is not None:
+            raise QuantizationError(f"prepare_qat_fx: division with rounding_mode={rounding_mode!r} in "
+                                    f"{_where(node)} is not supported: a quantized model divides by multiplying "
+                                    f"with a reciprocal table and cannot floor or truncate the quotient; drop "
+                                    f"rounding_mode, or compute it in float outside the quantized part")
+        if kwargs:
+            raise QuantizationError(f"prepare_qat_fx: division with {', '.join(kwargs)}=... in {_where(node)} is "
+                                    f"not supported; write a / b")
+        if not _is_tensor(b) or not (_is_tensor(a) or isinstance(a, (int, float))):
+            continue  # by a number: QTensor.__truediv__ keeps the grid
+        with graph.inserting_before(node):
+            if b in from_input:
+                target = f"{node.name}_reciprocal"
+                gm.add_submodule(target, _from_source(ElementwiseOp("reciprocal"), node))
+                reciprocal = graph.call_module(target, (b,))
+            else:
+                reciprocal = graph.call_function(torch.reciprocal, (b,))
+            reciprocal.meta = dict(b.meta)
+            product = graph.call_function(operator.mul, (a, reciprocal) if isinstance(a, fx.Node) else (reciprocal, a))
+        product.meta = node.meta
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+
+
+# softmax calls: (log, the argument names after x, positional order)
+_SOFTMAX_FUNCTIONS = {F.softmax: (False, ("dim", "_stacklevel", "dtype")), torch.softmax: (False, ("dim", "dtype")),
+                      F.log_softmax: (True, ("dim", "_stacklevel", "dtype")),
+                      torch.log_softmax: (True, ("dim", "dtype"))}
+_SOFTMAX_METHODS = {"softmax": (False, ("dim", "dtype")), "log_softmax": (True, ("dim", "dtype"))}
+
+
+def _rewrite_softmax(gm: fx.GraphModule) -> None:
+    """F.softmax(x, dim), torch.softmax, x.softmax(dim) and the log_softmax calls (dim positional or by name) ->
+    SoftmaxOp modules, which prepare_qat gives an output fake quant. dtype= (other than None), a missing dim and
+    the batch dim are refused here, naming the user's line."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+            log, names = _SOFTMAX_FUNCTIONS[node.target]
+        elif node.op == "call_method" and node.target in _SOFTMAX_METHODS:
+            log, names = _SOFTMAX_METHODS[node.target]
+        else:
+            continue
+        if not node.args or not _is_tensor(node.args[0]):
+            continue
+        arguments = {**dict(zip(names, node.args[1:])), **node.kwargs}
+        name = "log_softmax" if log else "softmax"
+        if arguments.get("dtype") is not None:
+            raise QuantizationError(f"prepare_qat_fx: {name}(..., dtype={arguments['dtype']}) in {_where(node)}: "
+                                    f"the quantized {name} computes in integers and returns its own output dtype; "
+                                    f"remove dtype=")
+        dim = checked_dim(arguments.get("dim"), len(node.args[0].meta["tensor_meta"].shape), log,
+                          f"prepare_qat_fx ({_where(node)})")
+        target = f"{node.name}_softmax"
+        gm.add_submodule(target, _from_source(SoftmaxOp(dim, log), node))
         with graph.inserting_before(node):
             replacement = graph.call_module(target, (node.args[0],))
         replacement.meta = node.meta
