@@ -74,3 +74,41 @@ def test_a_model_that_cannot_be_traced_says_why(tmp_path):
 
     with pytest.raises(OnnxExportError, match="could not be exported to ONNX: .* no Python branch on tensor values"):
         export_to_onnx(Branchy(), torch.randn(2, 3), tmp_path / "b.onnx")
+
+
+class _GridOps(torch.nn.Module):
+    """The ops that keep (or fix) their input's grid and the scalar FloatFunctional ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = quant.QuantStub(), quant.DeQuantStub()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.shift, self.scale = quant.FloatFunctional(), quant.FloatFunctional()
+
+    def forward(self, x):
+        y = self.conv(self.quant(x))
+        y = torch.nn.functional.hardtanh((-y + 0.25).relu(), 0.0, 1.5)  # add_steps (negate, + c), clip
+        y = self.scale.mul_scalar(self.shift.add_scalar(y, 0.3), -0.7)
+        return self.dequant(torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_grid_ops_and_scalar_ops_export_within_a_step_of_the_program(dtype, tmp_path):
+    """Clip, x + c, -x, nearest resize: exact integer ONNX ops; add_scalar/mul_scalar: float ops on the program's
+    own factors. onnxruntime runs with basic graph optimizations: its full level fuses QDQ groups into its own
+    integer kernels, which drift by tens of steps (README, ONNX)."""
+    from hat import backend
+    from tests.backend.conftest import calibrate_and_convert
+
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 2, 6, 6) for _ in range(3)]
+    qmodel = calibrate_and_convert(_GridOps(), xs, {"": quant.get_default_qat_qconfig(activation_dtype=dtype)})
+    path = export_quantized_onnx(qmodel, xs[0], tmp_path / "grid.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xs[1].numpy()})[0])
+    expected = backend.compile(qmodel, (xs[0],), march="bayes").run(xs[1])
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"Clip", "Resize", "Neg"} <= ops
+    assert ((got - expected).abs() / float(qmodel.scale.out_scale)).max() <= 1.01  # float32 at int16 steps

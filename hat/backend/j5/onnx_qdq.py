@@ -175,6 +175,56 @@ def _segment_lookup(g: _Graph, node: Node, params: dict) -> None:
     g.quantized(op.onnx(g, g.dequantized(node.inputs[0]), module.arguments), node.output)
 
 
+def _prelu(g: _Graph, node: Node, params: dict) -> None:
+    """DQ -> PRelu -> Q, with the slopes the integer program applies (neg_multiplier / 2^neg_shift * s_out / s_in),
+    shaped to broadcast along the channel axis."""
+    x, rank = node.inputs[0], len(g.program.values[node.inputs[0]].shape)
+    ratio = float(g.scale(node.output)[0]) / float(g.scale(x)[0])
+    slope = (params["neg_multiplier"].double() / 2.0 ** params["neg_shift"].double() * ratio).numpy()
+    if slope.size > 1:
+        axis = params["channel_axis"] % rank
+        slope = slope.reshape([-1] + [1] * (rank - 1 - axis))
+    g.quantized(g.op("PRelu", [g.dequantized(x), g.const(slope.astype(np.float32))]), node.output)
+
+
+def _clip(g: _Graph, node: Node, params: dict) -> None:
+    """relu / relu6 / hardtanh / clamp on the integers: Clip in int32 with the bounds saturated to the dtype, cast
+    back (exact; onnxruntime has no int16 Clip)."""
+    x, dtype = node.inputs[0], g.program.values[node.inputs[0]].dtype
+    info = np.iinfo(np.int8 if dtype == "qint8" else np.int16)
+    bound = lambda v, default: g.const(np.int32(min(max(default if v is None else v, info.min), info.max)))  # noqa
+    clipped = g.op("Clip", [g.op("Cast", [x], to=6), bound(params["low"], info.min), bound(params["high"], info.max)])
+    g.op("Cast", [clipped], node.output, to=ONNX_TYPES[dtype])
+
+
+def _add_steps(g: _Graph, node: Node, params: dict) -> None:
+    """x + constant on x's grid (and -x): in int32, saturated, cast back (exact)."""
+    x, dtype = node.inputs[0], g.program.values[node.inputs[0]].dtype
+    info = np.iinfo(np.int8 if dtype == "qint8" else np.int16)
+    wide = g.op("Cast", [x], to=6)  # TensorProto.INT32
+    if params.get("negate"):
+        wide = g.op("Neg", [wide])
+    wide = g.op("Add", [wide, g.const(np.int32(params["steps"]))])
+    wide = g.op("Clip", [wide, g.const(np.int32(info.min)), g.const(np.int32(info.max))])
+    g.op("Cast", [wide], node.output, to=ONNX_TYPES[dtype])
+
+
+def _scalar_ratio(g: _Graph, node: Node, params: dict) -> float:
+    """The real factor of a requantized scalar op: m / 2^n * s_out / s_in."""
+    return params["multiplier"] / 2.0 ** params["shift"] * float(g.scale(node.output)[0]) / float(
+        g.scale(node.inputs[0])[0])
+
+
+def _resize_nearest(g: _Graph, node: Node, params: dict) -> None:
+    """Nearest resize of the integers (torch's floor rule): ONNX Resize, asymmetric coordinates, floor (exact)."""
+    (ih, iw), (oh, ow) = (g.program.values[v].shape[-2:] for v in (node.inputs[0], node.output))
+    scales = g.const(np.asarray([1.0, 1.0, oh / ih, ow / iw], dtype=np.float32))
+    values = g.op("Cast", [node.inputs[0]], to=1)  # float: onnxruntime has no int16 Resize; nearest copies values
+    resized = g.op("Resize", [values, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
+                   nearest_mode="floor")
+    g.op("Cast", [resized], node.output, to=ONNX_TYPES[g.program.values[node.output].dtype])
+
+
 _TRANSLATIONS = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _weighted, "linear": _weighted,
     "add": _float_op(lambda g, xs, node, p: g.op("Add", [g.op("Mul", [xs[0], g.const(np.float32(p["x_sign"]))]),
@@ -194,5 +244,12 @@ _TRANSLATIONS = {
                               ceil_mode=lambda p: int(p["ceil_mode"])),
     "identity": _integer_op("Identity"), "concat": _integer_op("Concat", axis=lambda p: p["dim"]),
     "layout": _layout, "lookup": _lookup, "segment_lookup": _segment_lookup,
+    "prelu": _prelu, "clip": _clip, "add_steps": _add_steps, "resize_nearest": _resize_nearest,
+    "add_scalar": _float_op(lambda g, xs, node, p: g.op("Add", [xs[0], g.const(np.float32(
+        p["constant"] / 2.0 ** p["x_shift"] * float(g.scale(node.inputs[0])[0])))])),
+    "mul_scalar": _float_op(lambda g, xs, node, p: g.op("Mul", [xs[0], g.const(np.float32(
+        p["sign"] * _scalar_ratio(g, node, p)))])),
+    "softmax_lut": _float_op(lambda g, xs, node, p: g.op("LogSoftmax" if p["log"] else "Softmax", xs,
+                                                         axis=p["dim"])),
 }
 
