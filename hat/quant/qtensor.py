@@ -172,8 +172,8 @@ class QTensor:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         handler = _HANDLERS.get(func)
-        if handler is None and func in _TABLE_FUNCTIONS:
-            raise _needs_module(_TABLE_FUNCTIONS[func])
+        if handler is None and func in _MODULE_FUNCTIONS:
+            raise _needs_module(*_MODULE_FUNCTIONS[func])
         if handler is None:
             name = getattr(func, "__name__", str(func))
             producer = next((a.producer for a in args if isinstance(a, QTensor) and a.producer), "?")
@@ -187,8 +187,8 @@ class QTensor:
         method = getattr(torch.Tensor, name, None)
         if method in _HANDLERS:
             return lambda *args, **kwargs: _HANDLERS[method](self, *args, **kwargs)
-        if method in _TABLE_FUNCTIONS:
-            raise _needs_module(_TABLE_FUNCTIONS[method])
+        if method in _MODULE_FUNCTIONS:
+            raise _needs_module(*_MODULE_FUNCTIONS[method])
         if method is not None and not name.startswith("_"):
             raise QuantizationError(f"Tensor.{name} is not supported on a QTensor (from '{self.producer or '?'}'). "
                                     f"Supported: {', '.join(supported_ops())}. Compute it in float (DeQuantStub "
@@ -203,15 +203,23 @@ def _needs_float_functional(symbol: str, method: str) -> QuantizationError:
         f"prepare_qat_fx, which rewrites it for you")
 
 
-def _needs_module(op: optable.Elementwise) -> QuantizationError:
-    module = f"nn.{op.modules[0].__name__}()" if op.modules else f"hat.quant.ElementwiseOp('{op.name}')"
+def _needs_module(name: str, module: str) -> QuantizationError:
     return QuantizationError(
-        f"{op.name} on a QTensor is a look-up table whose output scale only a module can learn: hold {module} in "
+        f"{name} on a QTensor needs an output scale (and tables) that only a module can learn: hold {module} in "
         f"__init__ and call it in forward (prepare_qat gives it an output fake quant), or prepare the model with "
         f"prepare_qat_fx, which rewrites the call for you")
 
 
-_TABLE_FUNCTIONS = {f: op for op in optable.OPS for f in op.functions}
+def _module_of(op: optable.Elementwise) -> str:
+    return f"nn.{op.modules[0].__name__}()" if op.modules else f"hat.quant.ElementwiseOp('{op.name}')"
+
+
+# torch functions that are a module op: the error names the module to hold instead
+_MODULE_FUNCTIONS = {**{f: (op.name, _module_of(op)) for op in optable.OPS for f in op.functions},
+                     **{f: ("softmax", "nn.Softmax(dim=...)") for f in (F.softmax, torch.softmax, torch.Tensor.softmax)},
+                     **{f: ("log_softmax", "nn.LogSoftmax(dim=...)")
+                        for f in (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)},
+                     **{f: ("prelu", "nn.PReLU()") for f in (F.prelu, torch.prelu, torch.Tensor.prelu)}}
 
 
 def supported_ops() -> list[str]:

@@ -1,5 +1,6 @@
 """QTensor ops that keep the input's grid or derive their scale from it: mean and sum over dims (the SE pattern
-`x.mean((2, 3), keepdim=True)`), clamp/clip with constants. Registered on import (hat.quant imports this module)."""
+`x.mean((2, 3), keepdim=True)`), clamp/clip with constants, torch.div by a number. Registered on import (hat.quant
+imports this module)."""
 from __future__ import annotations
 
 import math
@@ -51,3 +52,13 @@ def _clamp(x: QTensor, min: Optional[float] = None, max: Optional[float] = None)
         params = {"low": None if low is None else int(low), "high": None if high is None else int(high)}
         return apply("clip", [x], params, x.scale, x.dtype, x.producer)
     return x.with_data(x.clamp_to_range(x.data.clamp(min=low, max=high)))
+
+
+@_register(torch.div, torch.true_divide, torch.divide, torch.Tensor.div, torch.Tensor.true_divide,
+           torch.Tensor.divide)
+def _div(x: QTensor, other, rounding_mode: Optional[str] = None) -> QTensor:
+    """torch.div(x, c) as x / c: by a number it scales; by a tensor the error says how (a reciprocal table)."""
+    if rounding_mode is not None:
+        raise QuantizationError(f"division with rounding_mode='{rounding_mode}' of a QTensor (from "
+                                f"'{x.producer or '?'}') is not an integer op here; divide without rounding_mode")
+    return x / other

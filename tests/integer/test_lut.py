@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hat import backend
-from hat.backend.j5 import schema
+from hat.backend.j5 import schema_relations
 from hat.integer import kernels, lut
 from hat.backend.j5.irfile import IRFileError
 from hat.integer.profile import J5
@@ -166,7 +166,7 @@ SPLIT_MAX_ERROR = {"evenly": {"sigmoid": 1.55, "tanh": 1.7, "silu": 1.3, "gelu":
 def test_evenly_and_curvature_are_valid_tables(split, name):
     params, _, error = _segmented(name, "qint16", split=split)
     _, _, error8 = _segmented(name, "qint8", split=split)
-    assert schema.RELATIONS["segment_lookup"](params) is None
+    assert schema_relations.relations("bayes")["segment_lookup"](params) is None
     assert float(error.max()) <= SPLIT_MAX_ERROR[split][name] and float(error8.max()) <= INT8_MAX_ERROR_DEFAULT
     if split == "evenly":
         widths = params["points"].diff()

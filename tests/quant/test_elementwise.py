@@ -114,6 +114,6 @@ def test_a_table_function_on_a_qtensor_in_eager_mode_says_to_use_a_module():
         def forward(self, x):
             return torch.sigmoid(self.conv(self.quant(x)))
 
-    with pytest.raises(QuantizationError, match=r"sigmoid on a QTensor is a look-up table .* hold nn\.Sigmoid\(\) "
+    with pytest.raises(QuantizationError, match=r"sigmoid on a QTensor needs an output scale .* hold nn\.Sigmoid\(\) "
                                                 r"in __init__ .* or prepare the model with prepare_qat_fx"):
         quant.prepare_qat(Net())(_inputs("sigmoid"))

@@ -65,3 +65,23 @@ def test_unsupported_op_lists_what_is_supported():
     with pytest.raises(QuantizationError, match=r"sin is not supported on a QTensor \(it gets the output of module "
                                                 r"'.*'\)\. Supported: .*relu"):
         torch.sin(qat)
+
+
+@pytest.mark.parametrize("call, module", [
+    (lambda q: torch.nn.functional.softmax(q, 1), r"nn\.Softmax\(dim=\.\.\.\)"),
+    (lambda q: q.log_softmax(1), r"nn\.LogSoftmax"),
+    (lambda q: torch.nn.functional.prelu(q, torch.ones(1)), r"nn\.PReLU\(\)"),
+    (lambda q: torch.sigmoid(q), r"nn\.Sigmoid\(\)"),
+    (lambda q: torch.div(q, q), r"reciprocal"),
+])
+def test_an_op_that_needs_a_module_names_the_module_to_hold(call, module):
+    q = quantize(torch.randn(2, 4), torch.tensor([0.05]), "qint8", profile=J5)
+    with pytest.raises(QuantizationError, match=module):
+        call(q)
+
+
+def test_torch_div_by_a_number_scales_like_the_operator():
+    q = quantize(torch.randn(2, 4), torch.tensor([0.05]), "qint8", profile=J5)
+    assert torch.equal(torch.div(q, 4).dequantize(), (q / 4).dequantize())
+    with pytest.raises(QuantizationError, match="rounding_mode='floor'"):
+        torch.div(q, 2, rounding_mode="floor")

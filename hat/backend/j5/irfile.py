@@ -39,7 +39,7 @@ import numpy as np
 
 import torch
 
-from hat.backend.j5 import schema
+from hat.backend.j5 import schema, schema_relations
 from hat.backend.j5.checker import tensor_findings
 from hat.integer.kernels import KERNELS
 from hat.errors import HatError
@@ -331,7 +331,7 @@ def _dry_run(program: Program) -> None:
     for i, node in enumerate(program.nodes):
         where = _where(i, node)
         args = [env[name] for name in node.inputs]
-        problem = schema.check_inputs(node.op, args)
+        problem = schema_relations.check_inputs(node.op, args)
         if problem:
             raise IRFileError(f"{where}: {problem}; {_RECOMPILE}")
         params = {k: _resolve(program, node.op, k, v, meta) for k, v in node.params.items()}

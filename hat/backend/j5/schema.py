@@ -6,7 +6,7 @@ checker's numbers) and from the kernels' own tables (accumulation modes, layout 
 maps each parameter to a Rule; `check_params` raises ParamError naming the parameter, the value found and what was
 expected. Every op of KERNELS has an entry and every parameter a bounded rule (tests/backend/test_irfile.py asserts
 both), so a new kernel cannot skip validation. What the schema does not decide (does a shape fit the op) the
-loader's dry run on meta tensors does, with `check_inputs` for what a meta run cannot see.
+loader's dry run on meta tensors does, with `schema_relations.check_inputs` for what a meta run cannot see.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from hat.integer import kernels
 from hat.integer.kernels import KERNELS, LAYOUT_METHODS, accumulate_plan
 from hat.integer.profile import QRANGES, TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF
+from hat.backend.j5.schema_relations import relations
 
 MAX_RANK = 8  # dims of a program's tensors (hat's ops use at most 5)
 INT64_ROOM = 2 ** 62  # an integer constant the kernels add in int64 stays below this: the sum cannot overflow
@@ -316,7 +317,7 @@ def _show(v: Any) -> str:
 
 def check_params(march: str, op: str, params: dict[str, Any], tensors: dict[str, torch.Tensor], inputs: int) -> None:
     """ParamError for the first parameter of the node outside its rule, or for parameters that do not fit
-    each other (RELATIONS)."""
+    each other (schema_relations)."""
     rules = op_schema(march).get(op)
     if rules is None:
         raise ParamError(f"op '{op}' has no parameter schema")
@@ -333,7 +334,7 @@ def check_params(march: str, op: str, params: dict[str, Any], tensors: dict[str,
             problem = None if ok else f"is {_show(value)}, expected {describe(rule)}"
         if problem:
             raise ParamError(f"parameter '{name}' {problem}")
-    relation = RELATIONS.get(op)
+    relation = relations(march).get(op)
     if relation is not None:
         resolved = {k: tensors[v[TENSOR_REF]] if rules[k].kind == "tensor" and v is not None else v
                     for k, v in params.items()}
@@ -346,134 +347,3 @@ def by_value(march: str, op: str, name: str) -> bool:
     """Whether the kernel reads the values of tensor parameter `name` (the dry run then passes the real tensor)."""
     rule = op_schema(march)[op].get(name)
     return rule is not None and rule.by_value
-
-
-# --- what parameters must agree on, and what a meta run cannot see ---------------------------------------------------
-def _weighted(rank: int) -> Callable[[dict], Optional[str]]:
-    def check(params: dict) -> Optional[str]:
-        weight, bias = params["weight"], params["bias"]
-        if weight.dim() != rank:
-            return f"parameter 'weight' has shape {list(weight.shape)}; expected {rank} dims"
-        out = weight.shape[0]
-        multiplier, shift, acc_max = params.get("multiplier"), params.get("shift"), params.get("acc_max")
-        if bias.numel() != out:
-            return f"parameter 'bias' has {bias.numel()} values for {out} output channels"
-        if (multiplier is None) != (shift is None):
-            return "parameters 'multiplier' and 'shift' must both be given (requantized output) or both be null"
-        if multiplier is not None and not (multiplier.numel() == shift.numel() and multiplier.numel() in (1, out)):
-            return (f"parameters 'multiplier' and 'shift' have {multiplier.numel()} and {shift.numel()} values; "
-                    f"expected 1 or {out} (one per output channel) each")
-        if acc_max is not None and acc_max.numel() != out:
-            return f"parameter 'acc_max' has {acc_max.numel()} values for {out} output channels"
-        if params.get("splits", 1) > max(weight.shape[1], 1):
-            return f"parameter 'splits' is {params['splits']}, more than the {weight.shape[1]} input channels"
-        return None
-
-    return check
-
-
-def _prelu(params: dict) -> Optional[str]:
-    """prelu: one negative-side multiplier and shift per slope (1, or one per channel)."""
-    multiplier, shift = params["neg_multiplier"], params["neg_shift"]
-    if multiplier.dim() != 1 or shift.dim() != 1 or multiplier.numel() != shift.numel() or not multiplier.numel():
-        return (f"parameters 'neg_multiplier' and 'neg_shift' have shapes {list(multiplier.shape)} and "
-                f"{list(shift.shape)}; expected one 1-d list each, of equal length (1, or one per channel)")
-    return None
-
-
-def _exact_table(params: dict) -> Optional[str]:
-    table = params["table"]
-    if list(table.shape) != [256]:
-        return f"parameter 'table' has shape {list(table.shape)}; an exact table of an int8 input has 256 entries"
-    return None
-
-
-def _segmented(p: Profile) -> Callable[[dict], Optional[str]]:
-    """segment_lookup: the profile's table count and size, rising dividing points, and each table's index map
-    ending on its last entry (within half an entry) at the next point."""
-    count, entries = p.lut_tables, p.lut_table_entries
-    shapes = {"points": [count + 1], "tables": [count, entries], "index_multiplier": [count], "index_shift": [count],
-              "index_bits": [count], "line_multiplier": [2], "line_shift": [2], "line_offset": [2]}
-
-    def check(params: dict) -> Optional[str]:
-        for name, shape in shapes.items():
-            if list(params[name].shape) != shape:
-                return f"parameter '{name}' has shape {list(params[name].shape)}; a segmented table takes {shape}"
-        widths = params["points"].long().diff()
-        if bool((widths <= 0).any()):
-            return f"parameter 'points' is {params['points'].tolist()}; dividing points rise strictly"
-        shift, bits = params["index_shift"].long(), params["index_bits"].long()
-        end = torch.bitwise_right_shift(widths * params["index_multiplier"].long() + ((1 << shift) >> 1), shift)
-        miss = (2 * (end - ((entries - 1) << bits)).abs() > (1 << bits)).nonzero().flatten().tolist()
-        if miss:
-            return (f"the index map of table {miss[0]} (index_multiplier, index_shift, index_bits) does not end on "
-                    f"its last entry at the next dividing point")
-        return None
-
-    return check
-
-
-def _softmax(p: Profile) -> Callable[[dict], Optional[str]]:
-    """softmax_lut: one exp stage (an exact table, or every segmented tensor with segment_lookup's shapes), a
-    mantissa table of 2^b + 1 entries, and the constants of its mode (softmax or log_softmax)."""
-    segmented, names = _segmented(p), ("points", "tables", "index_multiplier", "index_shift", "index_bits",
-                                       "line_multiplier", "line_shift", "line_offset")
-
-    def check(params: dict) -> Optional[str]:
-        given = [name for name in names if params.get(name) is not None]
-        if (params.get("exp_table") is None) == (len(given) == 0) or 0 < len(given) < len(names):
-            return "softmax_lut takes either 'exp_table' or all of the segmented exp tables (" + ", ".join(names) + ")"
-        problem = segmented(params) if given else None
-        if problem:
-            return problem
-        if params.get("exp_table") is not None and params["exp_table"].dim() != 1:
-            return f"parameter 'exp_table' has shape {list(params['exp_table'].shape)}; expected one dim"
-        table = params.get("mantissa_table")
-        entries = -1 if table is None or table.dim() != 1 else table.numel() - 1
-        if entries < 1 or entries & (entries - 1) or entries > 2 ** 16:
-            return f"parameter 'mantissa_table' has shape {None if table is None else list(table.shape)}; " \
-                   f"expected [2^b + 1], b in [0, 16]"
-        mode = ("multiplier", "shift", "ln2", "log_offset") if params.get("log") else ("recip_shift",)
-        missing = [name for name in mode if params.get(name) is None]
-        if missing:
-            return f"{'log_softmax' if params.get('log') else 'softmax'} needs parameter(s) {', '.join(missing)}"
-        return None
-
-    return check
-
-
-RELATIONS: dict[str, Callable[[dict], Optional[str]]] = {"conv2d": _weighted(4), "linear": _weighted(2),
-                                                         "lookup": _exact_table,
-                                                         "prelu": _prelu,
-                                                         "segment_lookup": _segmented(get_profile("bayes")),
-                                                         "softmax_lut": _softmax(get_profile("bayes"))}
-
-
-def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
-    """What the compiled grid_sample kernel checks (hat/csrc/checks.h) that its meta reference does not."""
-    if x.dim() != 4 or x.dtype != torch.int8:
-        return f"input is {str(x.dtype).replace('torch.', '')} {list(x.shape)}; grid_sample takes int8 [N, C, H, W]"
-    if grid.dim() != 4 or grid.shape[3] != 2 or grid.shape[0] != x.shape[0]:
-        return f"grid is {list(grid.shape)}; grid_sample takes [N, H_out, W_out, 2] with the input's N"
-    return None
-
-
-def _int8_input(x: torch.Tensor) -> Optional[str]:
-    return None if x.dtype == torch.int8 else f"input is {str(x.dtype).replace('torch.', '')}; this op takes int8"
-
-
-def _activation_input(x: torch.Tensor) -> Optional[str]:
-    return None if x.dtype in (torch.int8, torch.int16) else (
-        f"input is {str(x.dtype).replace('torch.', '')}; this op takes int8 or int16")
-
-
-INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
-                                                         "softmax_lut": _activation_input,
-                                                         "segment_lookup": _activation_input,
-                                                         "prelu": _activation_input}
-
-
-def check_inputs(op: str, inputs: list[torch.Tensor]) -> Optional[str]:
-    """A problem with the node's input shapes or dtypes that the dry run on meta tensors would miss, or None."""
-    check = INPUT_CHECKS.get(op)
-    return check(*inputs) if check is not None else None
