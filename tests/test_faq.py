@@ -205,19 +205,20 @@ class PlainArithmetic(nn.Module):
         a, b = self.conv1(x), self.conv2(x)
         y = a + b  # tensor + tensor: rewritten into a FloatFunctional
         y = torch.cat([y, a * b], dim=1)  # rewritten too
-        return (1 - y)[0:1] + 1e-4, -y[0]  # 1 - x, slicing, float constant, -x, x[0]: QTensor rules
+        return (1 - y)[0:1] + 1e-4, -y[0]  # 1 - x, + c: add_scalar (observed scale); slicing, -x, x[0]: QTensor
 
 
 def test_faq_2_3_q10_and_2_4_q11_to_q13_graph_mode_takes_plain_arithmetic():
     torch.manual_seed(0)
     model, x = PlainArithmetic(), torch.randn(2, 1, 6, 6)
     qat = quant.prepare_qat_fx(model, example_inputs=(x,))
-    assert sum(isinstance(m, QATFloatFunctional) for m in qat.modules()) == 3
+    assert sum(isinstance(m, QATFloatFunctional) for m in qat.modules()) == 5
     out, neg = qat(x)
     (out.sum() + neg.sum()).backward()
     expected, expected_neg = model(x)
     assert out.shape == expected.shape and neg.shape == expected_neg.shape
     assert torch.corrcoef(torch.stack([out.flatten(), expected.flatten()]))[0, 1] > 0.99
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()  # 1 - y is not clipped to y's range
 
 
 class FaqWeights(nn.Module):

@@ -12,7 +12,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from hat.quant.qtensor import QTensor, QuantizationError, _ste_round, apply
+from hat.quant.qtensor import QTensor, QuantizationError, apply
+from hat.quant.qtensor_ops import ste_round
 
 Tensorish = Union[torch.Tensor, QTensor]
 
@@ -55,6 +56,6 @@ def grid_sample(input: Tensorish, grid: Tensorish, mode: str = "bilinear", paddi
         grid_scale = grid.scale if isinstance(grid, QTensor) else torch.ones(1)
         params = {"grid_scale": grid_scale, "coord_shift": shift, "mode": mode, "padding_mode": padding_mode}
         return apply("grid_sample", [x, grid], params, x.scale, x.dtype, x.producer)
-    fixed = _ste_round(offsets * 2 ** shift).clamp(-32768, 32767) / 2 ** shift  # the grid the device will see
+    fixed = ste_round(offsets * 2 ** shift).clamp(-32768, 32767) / 2 ** shift  # the grid the device will see
     sampled = F.grid_sample(x.data, norm_grid(x.data, fixed), mode, padding_mode, align_corners=True)
-    return x.with_data(_ste_round(sampled / x.step) * x.step)
+    return x.with_data(ste_round(sampled / x.step) * x.step)

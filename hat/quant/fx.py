@@ -2,8 +2,8 @@
 
 trace (shape branches decided by the example: fx_tracer.py) -> add QuantStub after each input and DeQuantStub before
 each output -> fuse conv/linear + bn (+ relu/relu6) chains found in the graph -> rewrite calls into the modules
-prepare_qat swaps (fx_rewrites.py) -> the eager prepare_qat on the resulting GraphModule. Float constants, -x,
-1 - x and x[0] need no rewrite: QTensor handles them (FAQ 2.3 Q10, 2.4 Q11-Q13).
+prepare_qat swaps (fx_rewrites.py) -> the eager prepare_qat on the resulting GraphModule. -x, x * 2 and x[0] need
+no rewrite: QTensor handles them (FAQ 2.4 Q11-Q13); x + 1 and 1 - x get an observed output scale (add_scalar).
 """
 from __future__ import annotations
 

@@ -242,9 +242,9 @@ def _rewrite_softmax(gm: fx.GraphModule) -> None:
 
 
 def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
-    """Tensor-tensor add/sub/mul/cat/maximum/minimum -> FloatFunctional calls. An operand computed from the model's own tensors
-    only (a parameter or buffer such as the FAQ's epsilon, not the input) gets its own QuantStub first: the
-    FAQ 2.3 Q10 fix, done for the user."""
+    """Tensor-tensor add/sub/mul/cat/maximum/minimum and activation +- number -> FloatFunctional calls. An operand
+    computed from the model's own tensors only (a parameter or buffer such as the FAQ's epsilon, not the input) gets
+    its own QuantStub first: the FAQ 2.3 Q10 fix, done for the user."""
     graph = gm.graph
     stubs: dict[fx.Node, fx.Node] = {}
     from_input: set[fx.Node] = set()
@@ -272,6 +272,8 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
                                         f"in {_where(node)}"
                                         f" is not supported; write it with plain operators (x + alpha * y)")
             method, args = _BINARY[node.target], node.args
+        elif _adds_a_number(node, from_input):
+            method, args = "add_scalar", _scalar_operands(graph, node, from_input)
         elif node.target in _EXTREMA and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
             method, args = _EXTREMA[node.target], node.args
         elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
@@ -291,6 +293,35 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
             from_input.add(replacement)  # ... computed from the input
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
+
+
+_ADD_SUB = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1, operator.isub: -1, torch.sub: -1}
+
+
+def _is_number(arg: Any) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+
+
+def _adds_a_number(node: fx.Node, from_input: set) -> bool:
+    """x + c, c + x, x - c, c - x with x an activation: the sum can leave x's range (sigmoid(x) + 1), so it gets an
+    observed output scale (FloatFunctional.add_scalar) instead of saturating on x's grid."""
+    return (node.target in _ADD_SUB and len(node.args) == 2 and not node.kwargs
+            and any(_is_number(a) for a in node.args)
+            and any(_is_tensor(a) and a in from_input for a in node.args))
+
+
+def _scalar_operands(graph: fx.Graph, node: fx.Node, from_input: set) -> tuple[fx.Node, float]:
+    """(activation, constant) of add_scalar for `node`; c - x becomes (-x) + c."""
+    sign, (a, b) = _ADD_SUB[node.target], node.args
+    if _is_number(b):
+        return a, float(sign * b)
+    if sign > 0:
+        return b, float(a)
+    with graph.inserting_before(node):
+        negated = graph.call_function(operator.neg, (b,))
+    negated.meta = dict(b.meta)
+    from_input.add(negated)
+    return negated, float(a)
 
 
 def _is_tensor(arg: Any) -> bool:

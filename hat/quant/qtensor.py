@@ -10,6 +10,7 @@ QTensors, ...) need a module that observes that scale: FloatFunctional, which pr
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hat.integer import kernels, recording
-from hat.integer.arith import multiplier_and_shift, round_half_up
+from hat.integer.arith import round_half_up
 from hat.integer.profile import TORCH_DTYPES, Profile, qrange
 from hat.errors import HatError
 from hat.quant import optable
@@ -94,6 +95,7 @@ class QTensor:
             steps = self._plain_op()._const_steps(other)
             if self.is_quantized:
                 return apply("add_steps", [self], {"steps": int(steps)}, self.scale, self.dtype, self.producer)
+            _warn_if_saturating(self, self.data + steps, other)
             return self.with_data(self.clamp_to_range(self.data + steps))
         raise _needs_float_functional("+", "add")
 
@@ -196,6 +198,23 @@ class QTensor:
         raise AttributeError(f"QTensor has no attribute '{name}'")
 
 
+def _warn_if_saturating(x: QTensor, shifted: torch.Tensor, value: float) -> None:
+    """x + c keeps x's scale (as on the device): say so once per producer when that clips the sum."""
+    qmax = qrange(x.dtype)[1]
+    if x.producer in _SATURATION_WARNED or x.is_quantized:
+        return
+    clipped = float((shifted.detach().abs() > (qmax + 0.5) * x.step).float().mean())
+    if clipped > 0.01:
+        _SATURATION_WARNED.add(x.producer)
+        logging.getLogger("hat").warning(
+            "x + %g on the output of '%s' keeps its scale, so %.0f%% of the sums saturate at +-%.4g: use "
+            "FloatFunctional.add_scalar (an observed scale; prepare_qat_fx does it for you)", value,
+            x.producer or "?", 100 * clipped, qmax * float(x.scale))
+
+
+_SATURATION_WARNED: set[str] = set()
+
+
 def _needs_float_functional(symbol: str, method: str) -> QuantizationError:
     return QuantizationError(
         f"'{symbol}' between a QTensor and a tensor needs an output scale, which only a module can learn: use "
@@ -233,114 +252,6 @@ def _register(*funcs: Callable):
         return handler
 
     return add
-
-
-def _layout(method: str) -> Callable:
-    """torch.reshape(t, shape) and t.reshape(*shape) alike: the same method on `data` (integers or QAT values)."""
-
-    def handler(x: QTensor, *args, **kwargs) -> QTensor:
-        listed = lambda a: list(a) if isinstance(a, (tuple, torch.Size)) else a  # noqa: E731  (JSON-friendly)
-        params = {"method": method, "args": [listed(a) for a in args],
-                  "kwargs": {k: listed(v) for k, v in kwargs.items()}}
-        return x._plain_op()._on_grid("layout", params, lambda d: kernels.layout(d, **params))
-
-    return handler
-
-
-for _name in kernels.LAYOUT_METHODS:
-    _register(getattr(torch.Tensor, _name), *([getattr(torch, _name)] if hasattr(torch, _name) else []))(
-        _layout(_name))
-
-
-@_register(F.relu, torch.relu, torch.Tensor.relu)
-def _relu(x: QTensor, inplace: bool = False) -> QTensor:
-    return x._plain_op()._on_grid("clip", {"low": 0, "high": None}, lambda d: d.clamp(min=0))
-
-
-@_register(F.max_pool2d, torch.max_pool2d)
-def _max_pool(x: QTensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-              return_indices=False) -> QTensor:
-    if return_indices:
-        raise QuantizationError("max_pool2d(return_indices=True) on a QTensor: indices are not a quantized tensor")
-    params = {"kernel_size": kernel_size, "stride": stride or kernel_size, "padding": padding, "dilation": dilation,
-              "ceil_mode": ceil_mode}
-    return x._plain_op()._on_grid("max_pool2d", params, lambda d: kernels.max_pool2d(d, **params))
-
-
-@_register(F.dropout)
-def _dropout(x: QTensor, p: float = 0.5, training: bool = False, inplace: bool = False) -> QTensor:
-    return x  # dropout would leave the grid: off
-
-
-@_register(F.hardtanh, F.relu6)
-def _clip(x: QTensor, min_val: float = 0.0, max_val: float = 6.0, inplace: bool = False) -> QTensor:
-    x = x._plain_op()
-    low, high = x._const_steps(min_val), x._const_steps(max_val)
-    if x.is_quantized:
-        return apply("clip", [x], {"low": int(low), "high": int(high)}, x.scale, x.dtype, x.producer)
-    return x.with_data(x.clamp_to_range(torch.minimum(torch.maximum(x.data, low), high)))
-
-
-@_register(F.interpolate)
-def _interpolate(x: QTensor, size=None, scale_factor=None, mode: str = "nearest", **kwargs) -> QTensor:
-    if mode != "nearest":
-        raise QuantizationError(f"interpolate(mode='{mode}') on a QTensor needs requantization; use mode='nearest'")
-    params = {"size": list(size) if isinstance(size, tuple) else size,
-              "scale_factor": list(scale_factor) if isinstance(scale_factor, tuple) else scale_factor}
-    return x._plain_op()._on_grid("resize_nearest", params, lambda d: F.interpolate(d, size, scale_factor))
-
-
-@_register(torch.cat, torch.concat)
-def _cat(tensors, dim: int = 0) -> QTensor:
-    first = tensors[0]
-    if not all(isinstance(t, QTensor) for t in tensors) or any(
-            t.dtype != first.dtype or not torch.equal(t.scale.detach(), first.scale.detach()) for t in tensors):
-        raise _needs_float_functional("torch.cat", "cat")
-    tensors = [t._plain_op() for t in tensors]
-    if first.is_quantized:
-        return apply("concat", tensors, {"dim": dim}, first.scale, first.dtype, first.producer)
-    return first.with_data(torch.cat([t.data for t in tensors], dim))
-
-
-@_register(F.adaptive_avg_pool2d)
-def _global_average(x: QTensor, output_size) -> QTensor:
-    if output_size not in (1, (1, 1), [1, 1]):
-        raise QuantizationError(f"adaptive_avg_pool2d on a QTensor supports output size 1 (global), got {output_size}")
-    area = x.shape[-1] * x.shape[-2]
-    sums = lambda d: d.sum(dim=(-2, -1), keepdim=True)  # noqa: E731
-    return _requantized_mean(x, sums, area, "global_avg_pool", {})
-
-
-@_register(F.avg_pool2d)
-def _average(x: QTensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-             divisor_override=None) -> QTensor:
-    if ceil_mode or (padding and not count_include_pad):
-        raise QuantizationError("avg_pool2d on a QTensor needs windows of one size: ceil_mode=False, and "
-                                "count_include_pad=True when padding")
-    k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    area = divisor_override or k[0] * k[1]
-    sums = lambda d: F.avg_pool2d(d, k, stride, padding, ceil_mode, True, divisor_override=1)  # noqa: E731
-    window = {"kernel_size": list(k), "stride": stride or list(k), "padding": padding}
-    return _requantized_mean(x, sums, area, "avg_pool2d", window)
-
-
-def _requantized_mean(x: QTensor, window_sum: Callable, area: int, op: str, window: dict) -> QTensor:
-    """Window sums (int32 on the device) times 1/area via the J5 multiplier and shift, on the input's scale.
-
-    QAT applies the same effective ratio m / 2^n and rounding, so both modes agree."""
-    x = x._plain_op()
-    multiplier, shift = multiplier_and_shift(torch.tensor(1.0 / area, dtype=torch.float64), x.profile)
-    if x.is_quantized:
-        params = dict(window, multiplier=int(multiplier), shift=int(shift), out_dtype=x.dtype)
-        return apply(op, [x], params, x.scale, x.dtype, x.producer)
-    effective = float(multiplier) / 2.0 ** int(shift)
-    steps = _ste_round(window_sum(x.data) / x.step) * effective  # integer sums first, as on the device
-    return x.with_data(_ste_round(steps) * x.step)
-
-
-def _ste_round(v: torch.Tensor) -> torch.Tensor:
-    """Round half up forward, identity backward."""
-    return v + (round_half_up(v) - v).detach()
 
 
 class NamedQuantModule(torch.nn.Module):

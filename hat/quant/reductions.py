@@ -8,7 +8,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from hat.quant.qtensor import QTensor, QuantizationError, _register, _requantized_mean, apply
+from hat.quant.qtensor import QTensor, QuantizationError, _register, apply
+from hat.quant.qtensor_ops import requantized_mean
 
 Dims = Union[int, Sequence[int], None]
 
@@ -29,7 +30,7 @@ def _mean(x: QTensor, dim: Dims = None, keepdim: bool = False, *, dtype: Optiona
     dims = _reduced_dims(x, dim, "mean")
     count = math.prod(x.shape[d] for d in dims)
     sums = lambda d: d.sum(dim=dims, keepdim=keepdim)  # noqa: E731
-    return _requantized_mean(x, sums, count, "mean", {"dims": dims, "keepdim": keepdim})
+    return requantized_mean(x, sums, count, "mean", {"dims": dims, "keepdim": keepdim})
 
 
 @_register(torch.sum, torch.Tensor.sum)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from hat import quant
 from hat.quant.qat import QATConv2d, QATFloatFunctional, QATLinear
@@ -66,3 +67,26 @@ def test_a_layer_called_twice_is_not_fused_and_alpha_is_refused():
         quant.prepare_qat_fx(Alpha(), example_inputs=(x,))
     with pytest.raises(ValueError, match="a tuple of the forward's arguments"):
         quant.prepare_qat_fx(Alpha(), example_inputs=x)
+
+
+class ShiftedSigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return 1 - (self.conv(x).sigmoid() + 1) * 0.5  # each + / - of a number leaves its input's range
+
+
+def test_adding_a_number_gets_an_observed_scale_instead_of_saturating():
+    """sigmoid(x) + 1 lies in [1, 2]: on the sigmoid's grid (|v| <= ~1) it would saturate everywhere."""
+    from hat import backend
+    from tests.backend.conftest import calibrate_and_convert
+
+    torch.manual_seed(0)
+    model, batches = ShiftedSigmoid().eval(), [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    qmodel = calibrate_and_convert(model, batches, fx=True)
+    with torch.no_grad():
+        expected, got = model(batches[1]), qmodel(batches[1])
+    assert (got - expected).abs().max() < 0.02
+    assert torch.equal(backend.compile(qmodel, (batches[0],), march="bayes").run(batches[1]), got)

@@ -85,3 +85,14 @@ def test_torch_div_by_a_number_scales_like_the_operator():
     assert torch.equal(torch.div(q, 4).dequantize(), (q / 4).dequantize())
     with pytest.raises(QuantizationError, match="rounding_mode='floor'"):
         torch.div(q, 2, rounding_mode="floor")
+
+
+def test_adding_a_number_that_clips_the_sum_warns_once_per_producer(caplog):
+    x = QTensor(torch.rand(100) * 0.9, torch.tensor([1 / 127.5]), "qint8", "head.sigmoid", profile=J5)
+    with caplog.at_level("WARNING", logger="hat"):
+        x + 1e-3  # on the grid: no clipping to speak of
+        assert not caplog.records
+        x + 1.0
+        x + 1.0
+    assert len(caplog.records) == 1
+    assert "'head.sigmoid'" in caplog.text and "FloatFunctional.add_scalar" in caplog.text and "100%" in caplog.text
