@@ -17,6 +17,7 @@ from hat.quant.qat import freeze_bn
 from hat.quant.qconfig import (QConfig, get_default_qat_out_qconfig, get_default_qat_qconfig, qconfig_report,
                                resolve_qconfigs)
 from hat.quant.qtensor import QTensor, QuantizationError
+from hat.quant.softmax import SoftmaxOp
 from hat.quant.stubs import DeQuantStub, FloatFunctional, QuantStub
 
 __all__ = ["QTensor", "QuantizationError", "QuantStub", "DeQuantStub", "FloatFunctional",
@@ -24,4 +25,4 @@ __all__ = ["QTensor", "QuantizationError", "QuantStub", "DeQuantStub", "FloatFun
            "MovingAveragePerChannelMinMaxObserver", "FakeQuantize", "LSQFakeQuantize", "PACTFakeQuantize",
            "QConfig", "get_default_qat_qconfig", "get_default_qat_out_qconfig", "resolve_qconfigs", "qconfig_report",
            "set_march", "get_march", "fuse_modules", "prepare_qat", "prepare_qat_fx", "set_fake_quant_state",
-           "freeze_bn", "convert", "convert_fx", "compare", "functional", "ElementwiseOp"]
+           "freeze_bn", "convert", "convert_fx", "compare", "functional", "ElementwiseOp", "SoftmaxOp"]
