@@ -1,10 +1,16 @@
 """Look-up-table accuracy and speed: every op of hat/quant/optable.OPS as J5 integer tables, against f in float64.
 
-python benchmarks/lut_accuracy.py [--repeats 50]
+python benchmarks/lut_accuracy.py [--repeats 50] [--no-softmax] [--softmax-rows 2000]
 Per op: the largest and mean error in output LSBs over every input integer of the int8 exact table (int8 in, int8
 out) and of the segmented table (int16 in, int16 out and int8 out; --splits for the dividing-point rules), the
 error measured against f(q * s_in) / s_out before rounding, saturated, NaN -> 0. Then the time of
 kernels.segment_lookup on a 1x64x56x56 int16 tensor against kernels.requantize of the same tensor. Prints Markdown.
+
+--softmax (on by default; --no-softmax skips it): kernels.softmax_lut with lut.softmax_params (as QuantizedSoftmax
+builds them) for softmax and log_softmax over 10, 100 and 1000 classes, int8/int16 in x int8/int16 out: random logits
+(--softmax-rows rows, N(0, 3)) quantized with scale amax / 127.5 or / 32767.5 (kernels.quantize), against float64
+softmax / log_softmax of the dequantized integers divided by the output scale (1 / divisor for softmax, 16 / divisor
+for log_softmax), saturated; log_softmax references below the output range (they saturate) are left out.
 """
 from __future__ import annotations
 
@@ -58,6 +64,44 @@ def segmented(op, out_dtype: str, split: str) -> tuple[float, float]:
     return error(op, q, kernels.segment_lookup(q, **params), s_in, s_out, out_dtype)
 
 
+SOFTMAX_CLASSES = (10, 100, 1000)
+SOFTMAX_STD = 3.0  # logits ~ N(0, 3)
+LOG_SOFTMAX_AMAX = 16.0  # log_softmax output amax; softmax's is 1
+
+
+def softmax_error(classes: int, in_dtype: str, out_dtype: str, log: bool, rows: int) -> tuple[float, float, float]:
+    """(max, mean, share left out) of |softmax_lut - f(q s_in) / s_out| in output LSBs over `rows` random rows of
+    `classes` logits, f = softmax or log_softmax in float64 on the dequantized integers, the ideal saturated above;
+    log_softmax ideals below the output range (saturated by design) are left out."""
+    x = torch.randn(rows, classes, generator=torch.Generator().manual_seed(classes), dtype=torch.float64)
+    x = x * SOFTMAX_STD
+    s_in = float(x.abs().max()) / J5.scale_divisor(in_dtype)
+    q = kernels.quantize(x, scale=torch.tensor(s_in, dtype=torch.float64), dtype=in_dtype)
+    s_out = (LOG_SOFTMAX_AMAX if log else 1.0) / J5.scale_divisor(out_dtype)
+    params = lut.softmax_params(s_in, in_dtype, s_out, out_dtype, log=log, profile=J5)
+    y = kernels.softmax_lut(q, dim=-1, **params)
+    ideal = (torch.log_softmax if log else torch.softmax)(q.double() * s_in, -1) / s_out
+    qmin, qmax = J5.qrange(out_dtype)
+    kept = ideal >= qmin
+    e = (y.double() - ideal.clamp(qmin, qmax)).abs()[kept]
+    return float(e.max()), float(e.mean()), 1.0 - float(kept.double().mean())
+
+
+def softmax_section(rows: int) -> None:
+    pairs = [(i, o) for i in ("qint8", "qint16") for o in ("qint8", "qint16")]
+    head = ["op", "classes"] + [f"{i[1:]} -> {o[1:]} max/mean" for i, o in pairs] + ["left out (saturated)"]
+    print(f"\nsoftmax_lut against float64 ({rows} rows of N(0, {SOFTMAX_STD:g}) logits, output amax 1 for softmax, "
+          f"{LOG_SOFTMAX_AMAX:g} for log_softmax), error in output LSBs:\n")
+    print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for log in (False, True):
+        for classes in SOFTMAX_CLASSES:
+            results = [softmax_error(classes, i, o, log, rows) for i, o in pairs]
+            cells = ["log_softmax" if log else "softmax", str(classes)]
+            cells += ["%.2f / %.3f" % r[:2] for r in results]
+            cells.append("%.1f%%" % (100 * max(r[2] for r in results)))
+            print("| " + " | ".join(cells) + " |")
+
+
 def timed(fn, repeats: int) -> tuple[float, float]:
     """(median, min) milliseconds of fn() after one warm-up call."""
     fn()
@@ -81,6 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--splits", nargs="+", default=["minimax", "evenly", "curvature"], choices=lut.SPLITS)
+    parser.add_argument("--softmax", action=argparse.BooleanOptionalAction, default=True,
+                        help="the softmax / log_softmax section (default: on)")
+    parser.add_argument("--softmax-rows", type=int, default=2000)
     args = parser.parse_args()
     head = ["op", "int8 exact max/mean"] + [f"int16->{o} {s} max/mean" for s in args.splits for o in ("int16", "int8")]
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
@@ -101,6 +148,8 @@ def main() -> None:
     print(f"- requantize: {requantize[0]:.2f} / {requantize[1]:.2f} ms (ratio of medians "
           f"{lookup[0] / requantize[0]:.1f}x)")
     print(f"- segment_lookup on 65536 elements (computed directly, no expansion): {direct[0]:.2f} / {direct[1]:.2f} ms")
+    if args.softmax:
+        softmax_section(args.softmax_rows)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ quantized: `QuantizedSoftmax`: one integer kernel, `kernels.softmax_lut`, whose 
            so e * entry < 2^31), saturated to [0, qmax]; log_softmax: d * s_in - n * ln2 - ln(m) + ln(32767) in
            units of s_out / 2^F (F: the int16 multiplier's shift for s_in / s_out), rounded to s_out, saturated
            to [qmin, 0]. The program stores the tables, so program and model are bit-exact.
-Accuracy against float64 softmax of the same integers (tests/quant/test_softmax.py): int8 outputs within 0.51 of
-a step (at most 1 from the rounded value), int8 or int16 input alike; int16 log_softmax within ~1.5 steps; int16
-softmax within a few steps, set by the int16 exp grid (about 2 with 6 classes, up to 8 with 100: each e carries
-half a grid step, and S sums them).
+Accuracy against float64 softmax of the same integers (`benchmarks/lut_accuracy.py`, RESULTS.md): int8 outputs
+within 0.52 of a step up to 100 classes (0.66 with 1000); int16 log_softmax within ~1.4 steps up to 100 classes;
+int16 softmax within 3 steps at 10 classes, 9 at 100 and ~50 at 1000, set by the int16 exp grid: every e below half
+a grid step rounds to 0 (d * s_in < -11), so with many classes S is systematically low.
 """
 from __future__ import annotations
 
