@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hat import ops
 from hat.integer.profile import TORCH_DTYPES, qrange
 from hat.integer.table_kernels import lookup, segment_lookup, softmax_lut
-from hat.ops.reference import round_grid
+from hat.ops.reference import round_grid, shift_right_round
 
 FLOAT32_EXACT = 2 ** 24
 ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -190,13 +190,14 @@ def resize_nearest(x: torch.Tensor, *, size=None, scale_factor=None) -> torch.Te
 
 
 def layout(x: torch.Tensor, *, method: str, args: Sequence = (), kwargs: Optional[dict] = None) -> torch.Tensor:
-    """reshape/view/flatten/permute/transpose/squeeze/unsqueeze/contiguous: torch.Tensor's method of that name."""
+    """reshape/view/flatten/permute/transpose/squeeze/unsqueeze/contiguous/roll: torch.Tensor's method of that name."""
     if method not in LAYOUT_METHODS:
         raise ValueError(f"layout: unknown method '{method}'; known: {', '.join(LAYOUT_METHODS)}")
     return getattr(x, method)(*args, **(kwargs or {}))
 
 
-LAYOUT_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous")
+LAYOUT_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+                  "roll")
 
 
 def index(x: torch.Tensor, *, items: Sequence) -> torch.Tensor:
@@ -264,3 +265,95 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     f.__name__: f for f in (quantize, dequantize, conv2d, linear, add, mul, add_scalar, mul_scalar, cat, identity,
                             clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest, layout, index,
                             concat, grid_sample, mean, extremum, lookup, segment_lookup, softmax_lut, prelu)}
+
+
+# --- matmul of two activations (attention) -------------------------------------------------------------------------
+def matmul_plan(k: int, x_dtype: str, y_dtype: str, max_splits: int = 8) -> dict:
+    """How `matmul` sums its K products exactly: {"accumulate": "float32", "splits": s} when each of s chunks of K
+    keeps its worst sum (chunk * max|x| * max|y|) below 2^24, else float64 (exact below 2^53)."""
+    worst = max(abs(v) for v in qrange(x_dtype)) * max(abs(v) for v in qrange(y_dtype))
+    for splits in range(1, min(max_splits, max(k, 1)) + 1):
+        if -(-k // splits) * worst < FLOAT32_EXACT:
+            return {"accumulate": "float32", "splits": splits}
+    return {"accumulate": "float64", "splits": 1}
+
+
+def matmul(x: torch.Tensor, y: torch.Tensor, *, accumulate: str, splits: int, multiplier: int, shift: int,
+           out_dtype: str) -> torch.Tensor:
+    """x @ y of two activations (torch.matmul's broadcasting), exact integer sums, int32, requantized.
+    The K products are summed exactly (matmul_plan: float32 chunks below 2^24 added in int64, or float64), the sum
+    saturated to the int32 accumulator, then requantized by one multiplier and shift."""
+    dtype = ACCUMULATE_DTYPES[accumulate]
+    pairs = zip(torch.tensor_split(x, splits, dim=-1), torch.tensor_split(y, splits, dim=-2 if y.ndim > 1 else 0))
+    acc = sum(torch.round(torch.matmul(xs.to(dtype), ys.to(dtype))).long() for xs, ys in pairs)
+    qmin, qmax = qrange("qint32")
+    return requantize(acc.clamp_(qmin, qmax), multiplier, shift, out_dtype)
+
+
+def expand_batch(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x (one sample, batch 1: a learned token) repeated along dim 0 to the batch of `like`."""
+    return x.expand(like.shape[0], *x.shape[1:]).contiguous()
+
+
+KERNELS.update({f.__name__: f for f in (matmul, expand_batch)})
+
+
+# --- windows with a divisor each, bilinear resize, constant padding (issue 16) -------------------------------------
+def _window_matrix(bounds: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The windows [bounds[i, 0], bounds[i, 1]) over an axis of `size` as a 0/1 float64 matrix [out, size]."""
+    bounds = bounds.long().cpu()
+    if bounds.numel() and (int(bounds.min()) < 0 or int(bounds.max()) > size):
+        raise ValueError(f"window_mean: window bounds {bounds.tolist()} outside the input's [0, {size}]")
+    positions = torch.arange(size)
+    return ((positions >= bounds[:, :1]) & (positions < bounds[:, 1:])).double().to(like.device)
+
+
+def window_mean(x: torch.Tensor, *, rows: torch.Tensor, cols: torch.Tensor, multiplier: torch.Tensor,
+                shift: torch.Tensor, out_dtype: str) -> torch.Tensor:
+    """Sums over windows rows[i] x cols[j] (int32), each times its own multiplier[i, j] / 2^shift[i, j].
+
+    Windows [rows[i, 0], rows[i, 1]) x [cols[j, 0], cols[j, 1]) of any sizes, overlapping or repeated, the sum rounded
+    half up as in requantization: adaptive_avg_pool2d of any output size, avg_pool2d with ceil_mode or
+    count_include_pad=False. The sums are exact: 0/1 window matrices in float64 (below 2^53)."""
+    r, c = _window_matrix(rows, x.shape[-2], x), _window_matrix(cols, x.shape[-1], x)
+    sums = torch.round(r @ x.double() @ c.T).long()
+    out = requantize(sums.reshape(-1, sums.shape[-2] * sums.shape[-1]), multiplier.reshape(-1), shift.reshape(-1),
+                     out_dtype, axis=1)  # one multiplier and shift per output position, along axis 1
+    return out.reshape(sums.shape)
+
+
+def _taps(index: torch.Tensor, fraction: torch.Tensor, size: int, one: int, like: torch.Tensor):
+    index, fraction = index.long().cpu(), fraction.long().cpu()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size or int(fraction.min()) < 0
+                          or int(fraction.max()) >= one):
+        raise ValueError(f"resize_bilinear: taps outside the input's [0, {size}) or fractions outside [0, {one})")
+    return (index.to(like.device), (index + 1).clamp(max=size - 1).to(like.device),
+            fraction.to(like.device), (one - fraction).to(like.device))
+
+
+def resize_bilinear(x: torch.Tensor, *, row_index: torch.Tensor, row_fraction: torch.Tensor,
+                    col_index: torch.Tensor, col_fraction: torch.Tensor, fraction_bits: int) -> torch.Tensor:
+    """Bilinear resize with fixed-point tap weights of fraction_bits (k) bits, on the input's grid.
+
+    Output row i reads rows row_index[i] and the next one (clamped) with weights (2^k - row_fraction[i],
+    row_fraction[i]), the same along columns; the four-tap sum (|sum| <= 2^(15 + 2k): int32 for k <= 8) is shifted
+    right by 2k with round half up."""
+    one = 1 << fraction_bits
+    r0, r1, fr, gr = _taps(row_index, row_fraction, x.shape[-2], one, x)
+    c0, c1, fc, gc = _taps(col_index, col_fraction, x.shape[-1], one, x)
+    q = x.long()
+    rows = q.index_select(-2, r0) * gr.view(-1, 1) + q.index_select(-2, r1) * fr.view(-1, 1)
+    acc = rows.index_select(-1, c0) * gc + rows.index_select(-1, c1) * fc
+    info = torch.iinfo(x.dtype)
+    return shift_right_round(acc, 2 * fraction_bits).clamp(info.min, info.max).to(x.dtype)
+
+
+def pad(x: torch.Tensor, *, pads: Sequence[int], value: int) -> torch.Tensor:
+    """Constant padding as F.pad (last dim first; negative pads crop) with an integer `value` on x's grid.
+
+    The value is saturated to x's dtype."""
+    info = torch.iinfo(x.dtype)
+    return F.pad(x, list(pads), mode="constant", value=min(max(int(value), info.min), info.max))
+
+
+KERNELS.update({f.__name__: f for f in (window_mean, resize_bilinear, pad)})

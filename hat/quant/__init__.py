@@ -2,7 +2,7 @@
 
 Public names follow ../shared/DESIGN.md (users come from PyTorch's quantization API and the reference toolchain).
 """
-from hat.quant import functional, qtensor_ops, reductions  # noqa: F401  (they register QTensor ops)
+from hat.quant import functional, qtensor_ops, qtensor_split, reductions  # noqa: F401  (they register QTensor ops)
 from hat.quant.compare import compare
 from hat.quant.convert import convert
 from hat.quant.elementwise import ElementwiseOp

@@ -14,6 +14,8 @@ from torch import nn
 WEIGHTED = (nn.Conv2d, nn.Linear)
 NORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+# a batch norm that leads a group: FusedLayer(bn, None, activation), the standalone batch-norm op (batch_norm.py)
+STANDALONE_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # What the conv/linear output stage applies (J5: a clip at 0, and at an upper bound): name -> upper bound
 FUSED_UPPER_BOUND: dict[str, Optional[float]] = {"relu": None, "relu6": 6.0}
 
@@ -27,7 +29,8 @@ def fused_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor
 
 
 class FusedLayer(nn.Module):
-    """Float conv/linear -> optional batch norm -> optional relu/relu6, as one module (same float result)."""
+    """Float conv/linear -> optional batch norm -> optional relu/relu6, as one module (same float result). A batch
+    norm that no conv/linear precedes, with its relu, is FusedLayer(bn, None, activation) (hat/quant/batch_norm.py)."""
 
     def __init__(self, layer: nn.Module, bn: Optional[nn.Module] = None, activation: Optional[str] = None):
         super().__init__()
@@ -42,6 +45,8 @@ class FusedLayer(nn.Module):
 
 def _fusable(modules: Sequence[nn.Module]) -> int:
     """How many of `modules` (from the start) form a fusable pattern: 0, 1 (layer alone), 2 or 3."""
+    if modules and type(modules[0]) in STANDALONE_NORMS:  # a batch norm no conv/linear precedes (+ relu/relu6)
+        return 2 if len(modules) > 1 and type(modules[1]) in ACTIVATIONS else 1
     if not modules or type(modules[0]) not in WEIGHTED:
         return 0
     count = 1
@@ -95,7 +100,8 @@ def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module
         if _fusable(modules) != len(modules):
             kinds = " + ".join(type(m).__name__ for m in modules)
             raise ValueError(f"fuse_modules: {kinds} ({', '.join(group)}) is not fusable; supported: Conv2d + "
-                             f"BatchNorm2d [+ ReLU/ReLU6], Linear + BatchNorm1d [+ ReLU/ReLU6], Conv2d/Linear + ReLU")
+                             f"BatchNorm2d [+ ReLU/ReLU6], Linear + BatchNorm1d [+ ReLU/ReLU6], Conv2d/Linear + ReLU, "
+                             f"BatchNorm2d/BatchNorm1d + ReLU/ReLU6")
         replace_module(model, group[0], _fused(modules))
         for name in group[1:]:
             replace_module(model, name, nn.Identity())

@@ -17,7 +17,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from hat.quant import fx_tracer
 from hat.quant.convert import convert
-from hat.quant.fuse import ACTIVATIONS, NORMS, WEIGHTED, FusedLayer, replace_module
+from hat.quant.fuse import ACTIVATIONS, NORMS, STANDALONE_NORMS, WEIGHTED, FusedLayer, replace_module
+from hat.quant.fx_modules import rewrite_parameter_calls
 from hat.quant.fx_rewrites import rewrite_calls
 from hat.quant.fx_tracer import ShapeBranchError, ShapeTracer
 from hat.quant.prepare import copy_model, prepare_qat
@@ -44,6 +45,7 @@ def quant_friendly(model: nn.Module, example_inputs: Sequence[torch.Tensor], stu
     ShapeProp(gm).propagate(*example_inputs)
     if stubs:
         _add_stubs(gm)
+    rewrite_parameter_calls(gm, model)  # F.batch_norm (timm's BatchNormAct2d), F.linear, F.prelu -> modules, to fuse
     _fuse(gm)
     rewrite_calls(gm)
     gm.graph.lint()
@@ -115,10 +117,24 @@ def _fuse(gm: fx.GraphModule) -> None:
             for fused_away in reversed(chain[1:]):
                 fused_away.replace_all_uses_with(node)
                 gm.graph.erase_node(fused_away)
+    # a batch norm that no conv/linear precedes (those are gone now) + relu/relu6: the standalone batch-norm op
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) not in STANDALONE_NORMS \
+                or calls[node.target] > 1:
+            continue
+        following = _only_user(node)
+        activation = _activation_of(following, modules) if following is not None else None
+        if activation is not None:
+            replace_module(gm, node.target, FusedLayer(modules[node.target], None, activation))
+            following.replace_all_uses_with(node)
+            gm.graph.erase_node(following)
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
+    """The one node that uses `node`'s values; reads of its shape (timm's `_assert(x.ndim == 4)`) do not count."""
+    users = [user for user in node.users  # x.shape, x.ndim, x.size(): the fused layer keeps the shape
+             if not (user.op in ("call_function", "call_method") and user.args[:1] == (node,)
+                     and fx_tracer._reads_metadata(user.op, user.target, user.args))]
     return users[0] if len(users) == 1 else None
 
 

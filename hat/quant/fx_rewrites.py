@@ -1,22 +1,23 @@
 """prepare_qat_fx's graph rewrites: the calls of a traced plain torch model become the modules prepare_qat swaps.
 
 torch.sigmoid(x), F.silu(x), x.exp(), x ** 2 -> ElementwiseOp (table ops); F.softmax / log_softmax -> SoftmaxOp;
-F.prelu -> nn.PReLU; a / b -> a * reciprocal(b); tensor-tensor add/sub/mul/cat/maximum/minimum -> FloatFunctional
-calls. Each made module remembers the user's source line, so messages about it name that line.
+a / b -> a * reciprocal(b); tensor-tensor add/sub/mul/cat/maximum/minimum/matmul and activation +- number ->
+FloatFunctional calls (matmul calls, einsum, scaled_dot_product_attention and nn.MultiheadAttention first become
+`a @ b`: fx_attention.py; calls on the model's parameters were made modules before fusion: fx_modules.py). Each
+made module remembers the user's source line, so messages about it name that line.
 """
 from __future__ import annotations
 
 import inspect
 import operator
-import re
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-from hat.quant import fx_tracer, optable
+from hat.quant import optable
+from hat.quant.fx_common import from_source, is_tensor, where
 from hat.quant.elementwise import ElementwiseOp
 from hat.quant.qtensor import QuantizationError
 from hat.quant.softmax import SoftmaxOp, checked_dim
@@ -29,6 +30,7 @@ def _is_method(f: Any) -> bool:
 
 _BINARY = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
            torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul"}
+_BINARY[operator.matmul] = "matmul"  # two activations (fx_attention makes torch.matmul, bmm, einsum, attention a @ b)
 _EXTREMA = {torch.maximum: "maximum", torch.max: "maximum", torch.minimum: "minimum", torch.min: "minimum"}
 _ELEMENTWISE_FUNCTIONS = {f: op for op in optable.OPS for f in op.functions if not _is_method(f)}
 _ELEMENTWISE_FUNCTIONS[F.gelu] = optable.BY_NAME["gelu"]
@@ -51,7 +53,7 @@ def _elementwise_call(node: fx.Node) -> Optional[tuple[str, dict[str, Any]]]:
         return "pow", {"exponent": float(node.args[1])}
     else:
         return None
-    if not node.args or not _is_tensor(node.args[0]):
+    if not node.args or not is_tensor(node.args[0]):
         return None
     bound = _bind(node, op)
     if op.name == "gelu":
@@ -70,26 +72,10 @@ def _bind(node: fx.Node, op: optable.Elementwise) -> dict[str, Any]:
         bound = signature.bind(*node.args, **kwargs).arguments
     except (TypeError, ValueError):
         raise QuantizationError(f"prepare_qat_fx: {op.name} called with positional arguments {rest} in "
-                                f"{_where(node)}; pass them by name") from None
+                                f"{where(node)}; pass them by name") from None
     bound.pop(next(iter(bound)))  # x
     bound.pop("inplace", None)
     return bound
-
-
-def _where(node: fx.Node) -> str:
-    """Where the user wrote `node`: 'file.py:12: y = a + b' (the last frame of its stack trace)."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+(?:\n {3,}(?!File)(.*))?', node.meta.get("stack_trace") or "")
-    user = [frame for frame in frames if "/torch/" not in frame[0] and frame[0] != fx_tracer.__file__]
-    if not user:
-        return "the forward"
-    path, line, code = user[-1]
-    return f"{Path(path).name}:{line}" + (f": {code.strip()}" if code.strip() else "")
-
-
-def _from_source(module: nn.Module, node: fx.Node) -> nn.Module:
-    """A module standing for the user's call `node`: messages about it name the user's line, not its own name."""
-    module.hat_source = _where(node)
-    return module
 
 
 def _rewrite_elementwise(gm: fx.GraphModule) -> None:
@@ -102,56 +88,12 @@ def _rewrite_elementwise(gm: fx.GraphModule) -> None:
             continue
         name, arguments = found
         target = f"{node.name}_lut"
-        gm.add_submodule(target, _from_source(ElementwiseOp(name, **arguments), node))
+        gm.add_submodule(target, from_source(ElementwiseOp(name, **arguments), node))
         with graph.inserting_before(node):
             replacement = graph.call_module(target, (node.args[0],))
         replacement.meta = node.meta
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
-
-
-def _rewrite_prelu(gm: fx.GraphModule) -> None:
-    """F.prelu(x, weight) / torch.prelu / x.prelu(weight), weight a parameter (or buffer) the model holds -> an
-    nn.PReLU module holding that very parameter (QAT keeps training it), which prepare_qat swaps for QATPReLU. A
-    weight computed in forward is refused: the quantized PReLU needs its slopes at convert."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if not ((node.op == "call_function" and node.target is F.prelu)
-                or (node.op == "call_method" and node.target == "prelu")):
-            continue
-        x = node.args[0] if node.args else node.kwargs.get("input")
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if not _is_tensor(x):
-            continue
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            raise QuantizationError(f"prepare_qat_fx: prelu in {_where(node)} takes a weight computed in forward; "
-                                    f"hold the slopes as an nn.Parameter of the model (or use nn.PReLU), so that "
-                                    f"convert can turn them into integer multipliers")
-        value = gm.get_parameter(weight.target) if _is_parameter(gm, weight.target) else \
-            gm.get_buffer(weight.target)
-        if value.dim() > 1:
-            raise QuantizationError(f"prepare_qat_fx: prelu in {_where(node)} has a weight of shape "
-                                    f"{list(value.shape)}; PReLU takes one slope or one per channel (1-d)")
-        module = nn.PReLU(num_parameters=max(value.numel(), 1))
-        # the model's own parameter (trained on); a buffer is a fixed slope
-        module.weight = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach().clone(), False)
-        target = f"{node.name}_prelu"
-        gm.add_submodule(target, _from_source(module, node))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(target, (x,))
-        replacement.meta = node.meta
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-        if not weight.users:
-            graph.erase_node(weight)
-
-
-def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-    except AttributeError:
-        return False
-    return True
 
 
 _DIVISIONS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide)
@@ -166,33 +108,30 @@ def _rewrite_division(gm: fx.GraphModule) -> None:
     float (the mul quantizes it). Division by a number needs no rewrite (QTensor.__truediv__);
     rounding_mode='floor'/'trunc' is refused."""
     graph = gm.graph
-    from_input: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
-            from_input.add(node)
+    from_input = _from_input(graph)
     for node in list(graph.nodes):
         if not ((node.op == "call_function" and node.target in _DIVISIONS)
                 or (node.op == "call_method" and node.target in _DIVISION_METHODS)) or len(node.args) != 2:
             continue
         a, b = node.args
-        if node not in from_input or not (_is_tensor(a) or _is_tensor(b)):
+        if node not in from_input or not (is_tensor(a) or is_tensor(b)):
             continue  # constants only (float arithmetic, quantized where the model uses it) or shape arithmetic
         kwargs = dict(node.kwargs)
         rounding_mode = kwargs.pop("rounding_mode", None)
         if rounding_mode is not None:
             raise QuantizationError(f"prepare_qat_fx: division with rounding_mode={rounding_mode!r} in "
-                                    f"{_where(node)} is not supported: a quantized model divides by multiplying "
+                                    f"{where(node)} is not supported: a quantized model divides by multiplying "
                                     f"with a reciprocal table and cannot floor or truncate the quotient; drop "
                                     f"rounding_mode, or compute it in float outside the quantized part")
         if kwargs:
-            raise QuantizationError(f"prepare_qat_fx: division with {', '.join(kwargs)}=... in {_where(node)} is "
+            raise QuantizationError(f"prepare_qat_fx: division with {', '.join(kwargs)}=... in {where(node)} is "
                                     f"not supported; write a / b")
-        if not _is_tensor(b) or not (_is_tensor(a) or isinstance(a, (int, float))):
+        if not is_tensor(b) or not (is_tensor(a) or isinstance(a, (int, float))):
             continue  # by a number: QTensor.__truediv__ keeps the grid
         with graph.inserting_before(node):
             if b in from_input:
                 target = f"{node.name}_reciprocal"
-                gm.add_submodule(target, _from_source(ElementwiseOp("reciprocal"), node))
+                gm.add_submodule(target, from_source(ElementwiseOp("reciprocal"), node))
                 reciprocal = graph.call_module(target, (b,))
             else:
                 reciprocal = graph.call_function(torch.reciprocal, (b,))
@@ -222,18 +161,18 @@ def _rewrite_softmax(gm: fx.GraphModule) -> None:
             log, names = _SOFTMAX_METHODS[node.target]
         else:
             continue
-        if not node.args or not _is_tensor(node.args[0]):
+        if not node.args or not is_tensor(node.args[0]):
             continue
         arguments = {**dict(zip(names, node.args[1:])), **node.kwargs}
         name = "log_softmax" if log else "softmax"
         if arguments.get("dtype") is not None:
-            raise QuantizationError(f"prepare_qat_fx: {name}(..., dtype={arguments['dtype']}) in {_where(node)}: "
+            raise QuantizationError(f"prepare_qat_fx: {name}(..., dtype={arguments['dtype']}) in {where(node)}: "
                                     f"the quantized {name} computes in integers and returns its own output dtype; "
                                     f"remove dtype=")
         dim = checked_dim(arguments.get("dim"), len(node.args[0].meta["tensor_meta"].shape), log,
-                          f"prepare_qat_fx ({_where(node)})")
+                          f"prepare_qat_fx ({where(node)})")
         target = f"{node.name}_softmax"
-        gm.add_submodule(target, _from_source(SoftmaxOp(dim, log), node))
+        gm.add_submodule(target, from_source(SoftmaxOp(dim, log), node))
         with graph.inserting_before(node):
             replacement = graph.call_module(target, (node.args[0],))
         replacement.meta = node.meta
@@ -245,17 +184,18 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
     """Tensor-tensor add/sub/mul/cat/maximum/minimum and activation +- number -> FloatFunctional calls. An operand
     computed from the model's own tensors only (a parameter or buffer such as the FAQ's epsilon, not the input) gets
     its own QuantStub first: the FAQ 2.3 Q10 fix, done for the user."""
+    from hat.quant import fx_attention
+
     graph = gm.graph
     stubs: dict[fx.Node, fx.Node] = {}
-    from_input: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
-            from_input.add(node)
+    from_input = _from_input(graph)
 
     def quantized(arg):
         if not isinstance(arg, fx.Node) or arg in from_input:
             return arg
-        if arg not in stubs:
+        if arg not in stubs:  # a parameter expanded to the batch (ViT's class token): QuantStub per sample
+            stubs[arg] = fx_attention.quantized_per_sample(gm, arg, from_input, f"quant_{arg.name}", QuantStub())
+        if stubs[arg] is None:
             name = f"quant_{arg.name}"
             gm.add_submodule(name, QuantStub())
             with graph.inserting_after(arg):
@@ -266,24 +206,24 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _BINARY and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
+        if node.target in _BINARY and len(node.args) == 2 and all(is_tensor(a) for a in node.args):
             if node.kwargs:
                 raise QuantizationError(f"prepare_qat_fx: {node.target.__name__}(..., {', '.join(node.kwargs)}=...) "
-                                        f"in {_where(node)}"
+                                        f"in {where(node)}"
                                         f" is not supported; write it with plain operators (x + alpha * y)")
             method, args = _BINARY[node.target], node.args
         elif _adds_a_number(node, from_input):
             method, args = "add_scalar", _scalar_operands(graph, node, from_input)
-        elif node.target in _EXTREMA and len(node.args) == 2 and all(_is_tensor(a) for a in node.args):
+        elif node.target in _EXTREMA and len(node.args) == 2 and all(is_tensor(a) for a in node.args):
             method, args = _EXTREMA[node.target], node.args
         elif node.target in (torch.cat, torch.concat) and isinstance(node.args[0], (list, tuple)) \
-                and all(_is_tensor(a) for a in node.args[0]):
+                and all(is_tensor(a) for a in node.args[0]):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             method, args = "cat", (list(node.args[0]), dim)
         else:
             continue
         name = f"{node.name}_float_functional"
-        gm.add_submodule(name, _from_source(FloatFunctional(), node))
+        gm.add_submodule(name, from_source(FloatFunctional(), node))
         args = tuple([quantized(a) for a in arg] if isinstance(arg, list) else quantized(arg) for arg in args)
         with graph.inserting_before(node):
             module = graph.get_attr(name)
@@ -293,6 +233,9 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
             from_input.add(replacement)  # ... computed from the input
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
+    for arg in stubs:  # float expands of a parameter that expand_batch replaced
+        if not arg.users and arg.op == "call_method":
+            graph.erase_node(arg)
 
 
 _ADD_SUB = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1, operator.isub: -1, torch.sub: -1}
@@ -307,7 +250,7 @@ def _adds_a_number(node: fx.Node, from_input: set) -> bool:
     observed output scale (FloatFunctional.add_scalar) instead of saturating on x's grid."""
     return (node.target in _ADD_SUB and len(node.args) == 2 and not node.kwargs
             and any(_is_number(a) for a in node.args)
-            and any(_is_tensor(a) and a in from_input for a in node.args))
+            and any(is_tensor(a) and a in from_input for a in node.args))
 
 
 def _scalar_operands(graph: fx.Graph, node: fx.Node, from_input: set) -> tuple[fx.Node, float]:
@@ -324,14 +267,25 @@ def _scalar_operands(graph: fx.Graph, node: fx.Node, from_input: set) -> tuple[f
     return negated, float(a)
 
 
-def _is_tensor(arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and "tensor_meta" in arg.meta
+def _from_input(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the model input's values. Reads of its metadata (x.shape, x.size(0), x.dim()) and
+    what is computed from them only are not: `self.class_token.expand(x.shape[0], -1, -1)` is the model's own
+    tensor, which gets a QuantStub where it meets an activation."""
+    from hat.quant.fx_attention import reads_metadata
+
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (not reads_metadata(node) and any(n in found for n in node.all_input_nodes)):
+            found.add(node)
+    return found
 
 
 def rewrite_calls(gm: fx.GraphModule) -> None:
     """Every rewrite, in the order they depend on each other (division makes a mul that the arithmetic pass takes)."""
+    from hat.quant.fx_attention import rewrite_attention
+
+    rewrite_attention(gm)  # matmul calls, einsum, scaled_dot_product_attention, nn.MultiheadAttention -> a @ b, softmax
     _rewrite_elementwise(gm)
     _rewrite_softmax(gm)
-    _rewrite_prelu(gm)
     _rewrite_division(gm)
     _rewrite_tensor_arithmetic(gm)

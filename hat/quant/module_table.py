@@ -12,6 +12,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from hat.quant import elementwise, prelu, softmax
+from hat.quant import batch_norm
 from hat.quant.fuse import FusedLayer
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub, _QATWeighted
 from hat.quant.qconfig import QConfig
@@ -69,8 +70,8 @@ MODULE_OPS: tuple[ModuleOp, ...] = (
              "`hat.quant.DeQuantStub` (prepare_qat_fx adds one per output)"),
     ModuleOp("float_functional", lambda m: isinstance(m, FloatFunctional),
              lambda m, qconfig: QATFloatFunctional(qconfig), QATFloatFunctional, _observed(QuantizedFloatFunctional),
-             "`hat.quant.FloatFunctional`: add, sub, mul, add_scalar, mul_scalar, cat, maximum, minimum of "
-             "activations (prepare_qat_fx rewrites `x + y`, `torch.cat`, ...)"),
+             "`hat.quant.FloatFunctional`: add, sub, mul, add_scalar, mul_scalar, cat, maximum, minimum, matmul of "
+             "activations (prepare_qat_fx rewrites `x + y`, `x + 1`, `torch.cat`, `a @ b`, attention, ...)"),
     ModuleOp("elementwise", lambda m: elementwise.table_op(m) is not None, elementwise.qat_module,
              elementwise.QATElementwise, elementwise.quantized_module,
              "the nn modules of the element-wise table below, and `hat.quant.ElementwiseOp`"),
@@ -82,6 +83,15 @@ MODULE_OPS: tuple[ModuleOp, ...] = (
              "`nn.Softmax`, `nn.LogSoftmax`, `nn.Softmax2d` and `hat.quant.softmax.SoftmaxOp` (prepare_qat_fx "
              "rewrites `F.softmax`, `torch.softmax`, `x.softmax` and the log_softmax calls) over a non-batch dim: "
              "exp table of x - max, int32 sum, mantissa table (`softmax_lut`)"),
+    ModuleOp("batch_norm", batch_norm.takes(nn.BatchNorm2d), batch_norm.qat_module, batch_norm.QATBatchNorm2d,
+             _weighted_quantized(QuantizedConv2d),
+             "`nn.BatchNorm2d` that no conv precedes (+ `nn.ReLU`/`nn.ReLU6`/`F.relu` fused; prepare_qat_fx rewrites "
+             "`F.batch_norm` on a batch norm's own tensors, e.g. timm's `BatchNormAct2d`): a depthwise 1x1 `conv2d` "
+             "(groups=C, unit weight) with the batch norm folded in (hat/quant/batch_norm.py)"),
+    ModuleOp("batch_norm1d", batch_norm.takes(nn.BatchNorm1d), batch_norm.qat_module, batch_norm.QATBatchNorm1d,
+             _weighted_quantized(batch_norm.QuantizedBatchNorm1d),
+             "`nn.BatchNorm1d` that no linear precedes, on (N, C) or (N, C, L) (+ relu/relu6 fused): the same "
+             "depthwise `conv2d` between `layout` reshapes; int8/int16 output"),
 )
 _BY_QAT_TYPE = {op.qat: op for op in MODULE_OPS}
 

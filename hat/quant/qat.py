@@ -86,6 +86,9 @@ class QATFloatFunctional(FunctionalMethods, _Named):
     def _minimum(self, x, y):
         return self._output(self.activation_post_process, torch.minimum(self._input(x), self._input(y)))
 
+    def _matmul(self, x, y):
+        return self._output(self.activation_post_process, torch.matmul(self._input(x), self._input(y)))
+
 
 class _QATWeighted(_Named):
     def __init__(self, fused: FusedLayer, qconfig: QConfig):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hat.integer.arith import multiplier_and_shift, round_half_up, saturate
-from hat.integer.kernels import accumulate_plan, along_axis
+from hat.integer.kernels import accumulate_plan, along_axis, matmul_plan
 from hat.integer.profile import Profile, qrange
 from hat.quant.fuse import FUSED_UPPER_BOUND
 from hat.quant.stubs import FunctionalMethods
@@ -161,6 +161,12 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
         tensors = self._qinputs(*tensors)
         return apply("cat", tensors, {"dim": dim, **self._to_output_grid(tensors)}, self.out_scale, self.out_dtype,
                      self.hat_name)
+
+    def _matmul(self, x, y):
+        """x @ y: integer products summed exactly (int32 on the device; the checker refuses a K and dtypes that can
+        overflow it), then one requantization by s_x * s_y / s_out."""
+        x, y = self._qinputs(x, y)
+        return self._out("matmul", [x, y], x.scale * y.scale, **matmul_plan(x.shape[-1], x.dtype, y.dtype))
 
     def _maximum(self, x, y):
         return self._extremum(x, y, minimum=False)

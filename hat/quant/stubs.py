@@ -26,8 +26,8 @@ class DeQuantStub(nn.Module):
 
 
 class FunctionalMethods:
-    """add/sub/mul/add_scalar/mul_scalar/cat/maximum/minimum as methods that go through the module call, so forward hooks
-    (quant.compare, user hooks) see them; subclasses implement `_add`, `_sub`, ...; `forward(op, *args)`."""
+    """add/sub/mul/add_scalar/mul_scalar/cat/maximum/minimum/matmul as methods that go through the module call, so
+    forward hooks (quant.compare, user hooks) see them; subclasses implement `_add`, `_sub`, ...; `forward(op, *args)`."""
 
     def add(self, x, y):
         return self("add", x, y)
@@ -52,6 +52,9 @@ class FunctionalMethods:
 
     def minimum(self, x, y):
         return self("minimum", x, y)
+
+    def matmul(self, x, y):
+        return self("matmul", x, y)
 
     def forward(self, op: str, *args):
         return getattr(self, f"_{op}")(*args)
@@ -83,3 +86,6 @@ class FloatFunctional(FunctionalMethods, nn.Module):
 
     def _minimum(self, x, y):
         return torch.minimum(x, y)
+
+    def _matmul(self, x, y):
+        return torch.matmul(x, y)

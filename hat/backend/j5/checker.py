@@ -145,7 +145,8 @@ def _refuse_float_module(name: str, m: nn.Module) -> None:
         raise UntraceableError(f"a loss ({type(m).__name__}) runs inside the deploy model (FAQ 2.4 Q8): compile "
                                f"only the inference part (e.g. model.deploy_model())")
     weight = getattr(m, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and type(m).__module__.startswith("torch."):
+    if (isinstance(weight, torch.Tensor) and weight.is_floating_point() and type(m).__module__.startswith("torch.")
+            and not isinstance(m, torch.fx.GraphModule)):  # a traced model's own attribute named `weight` is data
         raise UntraceableError(f"{type(m).__name__} has no qconfig and stayed float (FAQ 2.4 Q8): give it a qconfig "
                                f"(remove it from quant.float_modules / the qconfig_dict's None entries), then "
                                f"calibrate and convert again")
@@ -290,3 +291,22 @@ def _pair(v) -> tuple:
 
 
 _NODE_RULES = {"conv2d": _conv_findings, "linear": _conv_findings, "grid_sample": _grid_sample_findings}
+
+
+def _matmul_findings(node: Node, program: Program, profile: Profile, consumers) -> Iterator[Finding]:
+    """matmul of two activations: the worst |sum| of K products, K * max|x| * max|y| (the dtypes' ranges: both
+    operands are activations, no weights to bound it by), must fit the int32 accumulator."""
+    x, y = (program.values[name] for name in node.inputs[:2])
+    k = x.shape[-1]
+    worst = k * max(map(abs, profile.qrange(x.dtype))) * max(map(abs, profile.qrange(y.dtype)))
+    limit = profile.qrange(profile.accumulator_dtype)[1]
+    if worst > limit:
+        small, wide = (max(map(abs, profile.qrange(d))) for d in ("qint8", "qint16"))
+        yield Finding("accumulator", node.module,
+                      f"matmul of {x.dtype} x {y.dtype} over K = {k}: the int32 accumulator can reach {worst} > "
+                      f"{limit} (K x max|x| x max|y|) on {profile.march}. qint8 x qint8 fits K <= "
+                      f"{limit // small ** 2} and qint8 x qint16 K <= {limit // (small * wide)}: give the modules "
+                      f"that make its operands int8 qconfigs (qint16 x qint16 overflows from K = 2), or split K")
+
+
+_NODE_RULES["matmul"] = _matmul_findings

@@ -8,16 +8,15 @@ from the integer program by a quantization step. The integer program, not this g
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import numpy as np
 from torch import nn
 
+from hat.backend.j5.onnx_graph import ONNX_TYPES, Graph, float_op, integer_op, pair
+from hat.backend.j5.onnx_grid_ops import GRID_LAYOUTS, GRID_TRANSLATIONS
 from hat.backend.j5.program import Node, Program
 from hat.errors import OnnxExportError
 from hat.ops.onnx import OPSET
 
-ONNX_TYPES = {"qint8": 3, "qint16": 5}  # TensorProto.INT8, INT16
 
 
 def program_to_onnx(program: Program, model: nn.Module):
@@ -25,7 +24,7 @@ def program_to_onnx(program: Program, model: nn.Module):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = _Graph(program, dict(model.named_modules()))
+    graph = Graph(program, dict(model.named_modules()))
     for node, params in zip(program.nodes, program._resolved_params()):
         translate = _TRANSLATIONS.get(node.op)
         if translate is None:
@@ -40,62 +39,16 @@ def program_to_onnx(program: Program, model: nn.Module):
     return proto
 
 
-class _Graph:
-    """ONNX nodes and initializers under construction; `float_values` are the program values carried as float."""
-
-    def __init__(self, program: Program, modules: dict[str, nn.Module]):
-        from onnx import helper, numpy_helper
-
-        self.program, self.modules, self.helper, self.numpy_helper = program, modules, helper, numpy_helper
-        self.nodes, self.initializers, self.float_values = [], [], set(program.inputs)
-        self.count = 0
-
-    def const(self, array, dtype=None) -> str:
-        self.count += 1
-        name = f"c{self.count}"
-        self.initializers.append(self.numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], output: Optional[str] = None, **attrs) -> str:
-        self.count += 1
-        output = output or f"t{self.count}"
-        self.nodes.append(self.helper.make_node(op_type, inputs, [output], **attrs))
-        return output
-
-    def scale(self, value: str) -> np.ndarray:
-        return np.asarray(self.program.values[value].scale, dtype=np.float32)
-
-    def dequantized(self, value: str) -> str:
-        """`value` as float: DequantizeLinear with its scale (per channel along its axis), or as it is."""
-        if value in self.float_values:
-            return value
-        info = self.program.values[value]
-        scale = self.scale(value)
-        if scale.size > 1:
-            return self.op("DequantizeLinear", [value, self.const(scale)], axis=info.axis)
-        return self.op("DequantizeLinear", [value, self.const(scale[0])])
-
-    def quantized(self, x: str, output: str) -> None:
-        """Float `x` onto `output`'s grid (int8/int16), or kept as float for an int32 value."""
-        info = self.program.values[output]
-        if info.dtype not in ONNX_TYPES:
-            self.op("Identity", [x], output)
-            self.float_values.add(output)
-            return
-        zero = self.const(0, dtype=np.int8 if info.dtype == "qint8" else np.int16)
-        self.op("QuantizeLinear", [x, self.const(self.scale(output)[0]), zero], output)
-
-
-def _quantize(g: _Graph, node: Node, params: dict) -> None:
+def _quantize(g: Graph, node: Node, params: dict) -> None:
     g.quantized(node.inputs[0], node.output)
 
 
-def _dequantize(g: _Graph, node: Node, params: dict) -> None:
+def _dequantize(g: Graph, node: Node, params: dict) -> None:
     g.op("Identity", [g.dequantized(node.inputs[0])], node.output)
     g.float_values.add(node.output)
 
 
-def _weighted(g: _Graph, node: Node, params: dict) -> None:
+def _weighted(g: Graph, node: Node, params: dict) -> None:
     """conv2d / linear: DQ(input), DQ(int8 weight, per channel), DQ(int32 bias on the accumulator's grid), float op,
     relu/relu6, Q."""
     module = g.modules.get(node.module)
@@ -108,8 +61,8 @@ def _weighted(g: _Graph, node: Node, params: dict) -> None:
     bias = g.op("DequantizeLinear", [g.const(params["bias"].numpy().astype(np.int32)), g.const(acc_scale)], axis=0)
     if node.op == "conv2d":
         w = g.op("DequantizeLinear", [g.const(weight), g.const(w_scale.astype(np.float32))], axis=0)
-        y = g.op("Conv", [x, w, bias], strides=_pair(params["stride"]), pads=_pair(params["padding"]) * 2,
-                 dilations=_pair(params["dilation"]), group=params["groups"])
+        y = g.op("Conv", [x, w, bias], strides=pair(params["stride"]), pads=pair(params["padding"]) * 2,
+                 dilations=pair(params["dilation"]), group=params["groups"])
     else:  # linear: x @ W^T + b, W stored transposed so the scale runs along axis 1
         w = g.op("DequantizeLinear", [g.const(np.ascontiguousarray(weight.T)), g.const(w_scale.astype(np.float32))],
                  axis=1)
@@ -121,25 +74,7 @@ def _weighted(g: _Graph, node: Node, params: dict) -> None:
     g.quantized(y, node.output)
 
 
-def _pair(value) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * 2
-
-
-def _float_op(compute: Callable[[_Graph, list[str], Node, dict], str]) -> Callable[[_Graph, Node, dict], None]:
-    """An op computed on the dequantized inputs, its result quantized to the output's grid."""
-    def translate(g: _Graph, node: Node, params: dict) -> None:
-        g.quantized(compute(g, [g.dequantized(v) for v in node.inputs], node, params), node.output)
-    return translate
-
-
-def _integer_op(op_type: str, **attrs_of: Callable[[dict], object]) -> Callable[[_Graph, Node, dict], None]:
-    """An op that moves or selects integers without arithmetic (same grid in and out)."""
-    def translate(g: _Graph, node: Node, params: dict) -> None:
-        g.op(op_type, list(node.inputs), node.output, **{k: f(params) for k, f in attrs_of.items()})
-    return translate
-
-
-def _layout(g: _Graph, node: Node, params: dict) -> None:
+def _layout(g: Graph, node: Node, params: dict) -> None:
     method, args, kwargs = params["method"], list(params.get("args") or []), params.get("kwargs") or {}
     x, out = node.inputs[0], node.output
     if method == "contiguous":
@@ -150,20 +85,36 @@ def _layout(g: _Graph, node: Node, params: dict) -> None:
     elif method == "flatten" and [*args, *kwargs.values()] in ([1], [1, -1]):
         g.op("Flatten", [x], out, axis=1)
     elif method == "permute":
-        g.op("Transpose", [x], out, perm=list(args[0] if len(args) == 1 else args))
+        g.op("Transpose", [x], out, perm=list(args[0] if len(args) == 1 and isinstance(args[0], list) else args))
+    elif method == "transpose":
+        rank = len(g.program.values[x].shape)
+        a, b = (int(d) % rank for d in [*args, *kwargs.values()])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        g.op("Transpose", [x], out, perm=perm)
+    elif method in ("unsqueeze", "squeeze") and len([*args, *kwargs.values()]) == 1:
+        dims = [*args, *kwargs.values()][0]
+        dims = dims if isinstance(dims, list) else [dims]
+        rank = len(g.program.values[out if method == "unsqueeze" else x].shape)
+        axes = [int(d) % rank for d in dims]
+        if method == "squeeze":  # torch skips dims that are not 1; ONNX refuses them
+            axes = [a for a in axes if g.program.values[x].shape[a] == 1]
+        g.op("Squeeze" if method == "squeeze" else "Unsqueeze", [x, g.const(np.asarray(axes, dtype=np.int64))], out)
+    elif method in GRID_LAYOUTS:  # flatten of any dims, roll
+        GRID_LAYOUTS[method](g, node, args, kwargs)
     else:
         raise OnnxExportError(f"module '{node.module}': {method}{tuple(args)} has no ONNX form here")
     if x in g.float_values:
         g.float_values.add(out)
 
 
-def _lookup(g: _Graph, node: Node, params: dict) -> None:
+def _lookup(g: Graph, node: Node, params: dict) -> None:
     """The exact table as a Gather on (int8 x + 128): bit-exact with the program."""
     index = g.op("Add", [g.op("Cast", [node.inputs[0]], to=6), g.const(np.int32(128))])  # 6: TensorProto.INT32
     g.op("Gather", [g.const(params["table"].numpy()), index], node.output, axis=0)
 
 
-def _segment_lookup(g: _Graph, node: Node, params: dict) -> None:
+def _segment_lookup(g: Graph, node: Node, params: dict) -> None:
     """Segmented tables: f itself in float ONNX operators (the op the quantized module computes), quantized."""
     module = g.modules.get(node.module)
     op = getattr(module, "op", None)
@@ -175,7 +126,7 @@ def _segment_lookup(g: _Graph, node: Node, params: dict) -> None:
     g.quantized(op.onnx(g, g.dequantized(node.inputs[0]), module.arguments), node.output)
 
 
-def _prelu(g: _Graph, node: Node, params: dict) -> None:
+def _prelu(g: Graph, node: Node, params: dict) -> None:
     """DQ -> PRelu -> Q, with the slopes the integer program applies (neg_multiplier / 2^neg_shift * s_out / s_in),
     shaped to broadcast along the channel axis."""
     x, rank = node.inputs[0], len(g.program.values[node.inputs[0]].shape)
@@ -187,7 +138,7 @@ def _prelu(g: _Graph, node: Node, params: dict) -> None:
     g.quantized(g.op("PRelu", [g.dequantized(x), g.const(slope.astype(np.float32))]), node.output)
 
 
-def _clip(g: _Graph, node: Node, params: dict) -> None:
+def _clip(g: Graph, node: Node, params: dict) -> None:
     """relu / relu6 / hardtanh / clamp on the integers: Clip in int32 with the bounds saturated to the dtype, cast
     back (exact; onnxruntime has no int16 Clip)."""
     x, dtype = node.inputs[0], g.program.values[node.inputs[0]].dtype
@@ -197,7 +148,7 @@ def _clip(g: _Graph, node: Node, params: dict) -> None:
     g.op("Cast", [clipped], node.output, to=ONNX_TYPES[dtype])
 
 
-def _add_steps(g: _Graph, node: Node, params: dict) -> None:
+def _add_steps(g: Graph, node: Node, params: dict) -> None:
     """x + constant on x's grid (and -x): in int32, saturated, cast back (exact)."""
     x, dtype = node.inputs[0], g.program.values[node.inputs[0]].dtype
     info = np.iinfo(np.int8 if dtype == "qint8" else np.int16)
@@ -209,13 +160,13 @@ def _add_steps(g: _Graph, node: Node, params: dict) -> None:
     g.op("Cast", [wide], node.output, to=ONNX_TYPES[dtype])
 
 
-def _scalar_ratio(g: _Graph, node: Node, params: dict) -> float:
+def _scalar_ratio(g: Graph, node: Node, params: dict) -> float:
     """The real factor of a requantized scalar op: m / 2^n * s_out / s_in."""
     return params["multiplier"] / 2.0 ** params["shift"] * float(g.scale(node.output)[0]) / float(
         g.scale(node.inputs[0])[0])
 
 
-def _resize_nearest(g: _Graph, node: Node, params: dict) -> None:
+def _resize_nearest(g: Graph, node: Node, params: dict) -> None:
     """Nearest resize of the integers (torch's floor rule): ONNX Resize, asymmetric coordinates, floor (exact)."""
     (ih, iw), (oh, ow) = (g.program.values[v].shape[-2:] for v in (node.inputs[0], node.output))
     scales = g.const(np.asarray([1.0, 1.0, oh / ih, ow / iw], dtype=np.float32))
@@ -225,31 +176,41 @@ def _resize_nearest(g: _Graph, node: Node, params: dict) -> None:
     g.op("Cast", [resized], node.output, to=ONNX_TYPES[g.program.values[node.output].dtype])
 
 
+def _max_pool(g: Graph, node: Node, params: dict) -> None:
+    """MaxPool on the integers (exact); ONNX has no int16 MaxPool, so int16 goes through float and back."""
+    attrs = dict(kernel_shape=pair(params["kernel_size"]), strides=pair(params["stride"] or params["kernel_size"]),
+                 pads=pair(params["padding"]) * 2, dilations=pair(params["dilation"]),
+                 ceil_mode=int(params["ceil_mode"]))
+    x, dtype = node.inputs[0], g.program.values[node.inputs[0]].dtype
+    if dtype == "qint8":
+        g.op("MaxPool", [x], node.output, **attrs)
+        return
+    pooled = g.op("MaxPool", [g.op("Cast", [x], to=1)], **attrs)  # 1: FLOAT; int16 values are exact in float32
+    g.op("Cast", [pooled], node.output, to=ONNX_TYPES[dtype])
+
+
 _TRANSLATIONS = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _weighted, "linear": _weighted,
-    "add": _float_op(lambda g, xs, node, p: g.op("Add", [g.op("Mul", [xs[0], g.const(np.float32(p["x_sign"]))]),
+    "add": float_op(lambda g, xs, node, p: g.op("Add", [g.op("Mul", [xs[0], g.const(np.float32(p["x_sign"]))]),
                                                          xs[1]])),
-    "mul": _float_op(lambda g, xs, node, p: g.op("Mul", xs)),
-    "cat": _float_op(lambda g, xs, node, p: g.op("Concat", xs, axis=p["dim"])),
-    "global_avg_pool": _float_op(lambda g, xs, node, p: g.op("GlobalAveragePool", xs)),
-    "mean": _float_op(lambda g, xs, node, p: g.op("ReduceMean", [xs[0], g.const(np.asarray(p["dims"], np.int64))],
+    "mul": float_op(lambda g, xs, node, p: g.op("Mul", xs)),
+    "cat": float_op(lambda g, xs, node, p: g.op("Concat", xs, axis=p["dim"])),
+    "global_avg_pool": float_op(lambda g, xs, node, p: g.op("GlobalAveragePool", xs)),
+    "mean": float_op(lambda g, xs, node, p: g.op("ReduceMean", [xs[0], g.const(np.asarray(p["dims"], np.int64))],
                                                   keepdims=int(p["keepdim"]))),
-    "extremum": _float_op(lambda g, xs, node, p: g.op("Min" if p["minimum"] else "Max", xs)),
-    "avg_pool2d": _float_op(lambda g, xs, node, p: g.op("AveragePool", xs, kernel_shape=_pair(p["kernel_size"]),
-                                                        strides=_pair(p["stride"] or p["kernel_size"]),
-                                                        pads=_pair(p["padding"]) * 2, count_include_pad=1)),
-    "max_pool2d": _integer_op("MaxPool", kernel_shape=lambda p: _pair(p["kernel_size"]),
-                              strides=lambda p: _pair(p["stride"] or p["kernel_size"]),
-                              pads=lambda p: _pair(p["padding"]) * 2, dilations=lambda p: _pair(p["dilation"]),
-                              ceil_mode=lambda p: int(p["ceil_mode"])),
-    "identity": _integer_op("Identity"), "concat": _integer_op("Concat", axis=lambda p: p["dim"]),
+    "extremum": float_op(lambda g, xs, node, p: g.op("Min" if p["minimum"] else "Max", xs)),
+    "avg_pool2d": float_op(lambda g, xs, node, p: g.op("AveragePool", xs, kernel_shape=pair(p["kernel_size"]),
+                                                        strides=pair(p["stride"] or p["kernel_size"]),
+                                                        pads=pair(p["padding"]) * 2, count_include_pad=1)),
+    "max_pool2d": _max_pool,
+    "identity": integer_op("Identity"), "concat": integer_op("Concat", axis=lambda p: p["dim"]),
     "layout": _layout, "lookup": _lookup, "segment_lookup": _segment_lookup,
     "prelu": _prelu, "clip": _clip, "add_steps": _add_steps, "resize_nearest": _resize_nearest,
-    "add_scalar": _float_op(lambda g, xs, node, p: g.op("Add", [xs[0], g.const(np.float32(
+    "add_scalar": float_op(lambda g, xs, node, p: g.op("Add", [xs[0], g.const(np.float32(
         p["constant"] / 2.0 ** p["x_shift"] * float(g.scale(node.inputs[0])[0])))])),
-    "mul_scalar": _float_op(lambda g, xs, node, p: g.op("Mul", [xs[0], g.const(np.float32(
+    "mul_scalar": float_op(lambda g, xs, node, p: g.op("Mul", [xs[0], g.const(np.float32(
         p["sign"] * _scalar_ratio(g, node, p)))])),
-    "softmax_lut": _float_op(lambda g, xs, node, p: g.op("LogSoftmax" if p["log"] else "Softmax", xs,
+    "softmax_lut": float_op(lambda g, xs, node, p: g.op("LogSoftmax" if p["log"] else "Softmax", xs,
                                                          axis=p["dim"])),
 }
-
+_TRANSLATIONS.update(GRID_TRANSLATIONS)

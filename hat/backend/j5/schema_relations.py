@@ -104,12 +104,49 @@ def _softmax(p: Profile) -> Callable[[dict], Optional[str]]:
     return check
 
 
+def _window_mean(params: dict) -> Optional[str]:
+    """window_mean: [out_h, 2] and [out_w, 2] windows [start, end), one multiplier and shift per output position."""
+    rows, cols, multiplier, shift = params["rows"], params["cols"], params["multiplier"], params["shift"]
+    if rows.dim() != 2 or rows.shape[1] != 2 or cols.dim() != 2 or cols.shape[1] != 2:
+        return (f"parameters 'rows' and 'cols' have shapes {list(rows.shape)} and {list(cols.shape)}; expected "
+                f"[out_h, 2] and [out_w, 2] (a window [start, end) per output row and column)")
+    if bool((rows[:, 0] > rows[:, 1]).any()) or bool((cols[:, 0] > cols[:, 1]).any()):
+        return "parameters 'rows' and 'cols' hold a window that ends before it starts"
+    positions = [rows.shape[0], cols.shape[0]]
+    if list(multiplier.shape) != positions or list(shift.shape) != positions:
+        return (f"parameters 'multiplier' and 'shift' have shapes {list(multiplier.shape)} and {list(shift.shape)}; "
+                f"expected {positions} (one per output position)")
+    return None
+
+
+def _resize_bilinear(params: dict) -> Optional[str]:
+    """resize_bilinear: one tap index and one fraction (below 2^fraction_bits) per output row and per column."""
+    for axis in ("row", "col"):
+        index, fraction = params[f"{axis}_index"], params[f"{axis}_fraction"]
+        if index.dim() != 1 or list(index.shape) != list(fraction.shape):
+            return (f"parameters '{axis}_index' and '{axis}_fraction' have shapes {list(index.shape)} and "
+                    f"{list(fraction.shape)}; expected one 1-d list each, of equal length")
+        if fraction.numel() and int(fraction.max()) >= 1 << params["fraction_bits"]:
+            return f"parameter '{axis}_fraction' holds {int(fraction.max())}, not below 2^fraction_bits"
+    return None
+
+
+def _pad(params: dict) -> Optional[str]:
+    pads = params["pads"]
+    if len(pads) % 2 or not 0 < len(pads) <= 16:
+        return f"parameter 'pads' is {pads}; expected a (before, after) pair per padded dim, last dim first"
+    return None
+
+
+_GRID_RELATIONS = {"window_mean": _window_mean, "resize_bilinear": _resize_bilinear, "pad": _pad}
+
+
 @functools.lru_cache(maxsize=None)
 def relations(march: str) -> dict[str, Callable[[dict], Optional[str]]]:
     """Per op: a check of its parameters against each other on `march` (a problem text, or None)."""
     p = get_profile(march)
     return {"conv2d": _weighted(4), "linear": _weighted(2), "lookup": _exact_table, "prelu": _prelu,
-            "segment_lookup": _segmented(p), "softmax_lut": _softmax(p)}
+            "segment_lookup": _segmented(p), "softmax_lut": _softmax(p), **_GRID_RELATIONS}
 
 
 def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
@@ -130,10 +167,25 @@ def _activation_input(x: torch.Tensor) -> Optional[str]:
         f"input is {str(x.dtype).replace('torch.', '')}; this op takes int8 or int16")
 
 
-INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
+def _two_activations(x: torch.Tensor, y: torch.Tensor) -> Optional[str]:
+    return _activation_input(x) or _activation_input(y)
+
+
+def _one_sample(x: torch.Tensor, like: torch.Tensor) -> Optional[str]:
+    """expand_batch: a batch-1 tensor repeated to the batch of an input with a batch dim."""
+    if x.dim() < 1 or x.shape[0] != 1 or like.dim() < 1:
+        return f"inputs are {list(x.shape)} and {list(like.shape)}; expand_batch takes [1, ...] and a tensor [N, ...]"
+    return None
+
+
+INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"matmul": _two_activations, "expand_batch": _one_sample,
+"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
                                                          "softmax_lut": _activation_input,
                                                          "segment_lookup": _activation_input,
                                                          "prelu": _activation_input}
+
+
+INPUT_CHECKS.update({op: _activation_input for op in ("window_mean", "resize_bilinear", "pad")})
 
 
 def check_inputs(op: str, inputs: list[torch.Tensor]) -> Optional[str]:

@@ -1,0 +1,51 @@
+"""What the graph rewrites of prepare_qat_fx share: where the user wrote a node, modules that remember it, and the
+model's own tensors."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from hat.quant import fx_tracer
+
+
+def where(node: fx.Node) -> str:
+    """Where the user wrote `node`: 'file.py:12: y = a + b' (the last frame of its stack trace)."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+(?:\n {3,}(?!File)(.*))?', node.meta.get("stack_trace") or "")
+    user = [frame for frame in frames if "/torch/" not in frame[0] and frame[0] != fx_tracer.__file__]
+    if not user:
+        return "the forward"
+    path, line, code = user[-1]
+    return f"{Path(path).name}:{line}" + (f": {code.strip()}" if code.strip() else "")
+
+
+def from_source(module: nn.Module, node: fx.Node) -> nn.Module:
+    """A module standing for the user's call `node`: messages about it name the user's line, not its own name."""
+    module.hat_source = where(node)
+    return module
+
+
+def is_tensor(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and "tensor_meta" in arg.meta
+
+
+def is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
+
+
+def attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    return gm.get_parameter(target) if is_parameter(gm, target) else gm.get_buffer(target)
+
+
+def free_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, index = name, 1
+    while hasattr(gm, candidate):
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate
