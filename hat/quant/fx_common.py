@@ -49,3 +49,15 @@ def free_name(gm: fx.GraphModule, name: str) -> str:
     while hasattr(gm, candidate):
         candidate, index = f"{name}_{index}", index + 1
     return candidate
+
+
+def replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str, x: fx.Node) -> fx.Node:
+    """Put `module(x)` in place of the call `node` (the module named after it and remembering the user's line)."""
+    target = f"{node.name}_{suffix}"
+    gm.add_submodule(target, from_source(module, node))
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_module(target, (x,))
+    replacement.meta = node.meta
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+    return replacement

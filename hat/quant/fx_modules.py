@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hat.quant.fuse import replace_module
-from hat.quant.fx_common import attribute, free_name, from_source, is_parameter, is_tensor, where
+from hat.quant.fx_common import attribute, free_name, is_parameter, is_tensor, replace_with_module, where
 from hat.quant.qtensor import QuantizationError
 
 
@@ -151,13 +151,7 @@ def _rewrite_linear(gm: fx.GraphModule) -> None:
             if value is not None:
                 setattr(module, name, value if isinstance(value, nn.Parameter)
                         else nn.Parameter(value.detach().clone(), False))
-        target = f"{node.name}_linear"
-        gm.add_submodule(target, from_source(module, node))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(target, (x,))
-        replacement.meta = node.meta
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
+        replace_with_module(gm, node, module, "linear", x)
         for t in (weight, bias):
             if t is not None and not t.users:
                 graph.erase_node(t)
@@ -188,12 +182,6 @@ def _rewrite_prelu(gm: fx.GraphModule) -> None:
         module = nn.PReLU(num_parameters=max(value.numel(), 1))
         # the model's own parameter (trained on); a buffer is a fixed slope
         module.weight = value if isinstance(value, nn.Parameter) else nn.Parameter(value.detach().clone(), False)
-        target = f"{node.name}_prelu"
-        gm.add_submodule(target, from_source(module, node))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(target, (x,))
-        replacement.meta = node.meta
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
+        replace_with_module(gm, node, module, "prelu", x)
         if not weight.users:
             graph.erase_node(weight)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from hat.quant import optable
-from hat.quant.fx_common import from_source, is_tensor, where
+from hat.quant.fx_common import from_source, is_tensor, replace_with_module, where
 from hat.quant.elementwise import ElementwiseOp
 from hat.quant.qtensor import QuantizationError
 from hat.quant.softmax import SoftmaxOp, checked_dim
@@ -87,13 +87,7 @@ def _rewrite_elementwise(gm: fx.GraphModule) -> None:
         if found is None:
             continue
         name, arguments = found
-        target = f"{node.name}_lut"
-        gm.add_submodule(target, from_source(ElementwiseOp(name, **arguments), node))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(target, (node.args[0],))
-        replacement.meta = node.meta
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
+        replace_with_module(gm, node, ElementwiseOp(name, **arguments), "lut", node.args[0])
 
 
 _DIVISIONS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide)
@@ -171,13 +165,7 @@ def _rewrite_softmax(gm: fx.GraphModule) -> None:
                                     f"remove dtype=")
         dim = checked_dim(arguments.get("dim"), len(node.args[0].meta["tensor_meta"].shape), log,
                           f"prepare_qat_fx ({where(node)})")
-        target = f"{node.name}_softmax"
-        gm.add_submodule(target, from_source(SoftmaxOp(dim, log), node))
-        with graph.inserting_before(node):
-            replacement = graph.call_module(target, (node.args[0],))
-        replacement.meta = node.meta
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
+        replace_with_module(gm, node, SoftmaxOp(dim, log), "softmax", node.args[0])
 
 
 def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:

@@ -14,13 +14,18 @@ def calibrate_and_convert(model: nn.Module, batches: list[torch.Tensor], qconfig
                           fx: bool = False) -> nn.Module:
     qat = (quant.prepare_qat_fx(model, qconfig_dict, example_inputs=(batches[0],)) if fx
            else quant.prepare_qat(model, qconfig_dict))
+    return quant.convert(calibrate(qat, batches))
+
+
+def calibrate(qat: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Observe the batches in eval mode, then leave the model in the validation state."""
     quant.set_fake_quant_state(qat, "calibration")
     qat.eval()
     with torch.no_grad():
         for x in batches:
             qat(x)
     quant.set_fake_quant_state(qat, "validation")
-    return quant.convert(qat)
+    return qat
 
 
 @pytest.fixture

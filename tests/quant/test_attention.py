@@ -14,21 +14,13 @@ from hat.integer.profile import TORCH_DTYPES, qrange
 from hat.quant.onnx_helper import export_quantized_onnx
 from hat.quant.qat import QATFloatFunctional, QATQuantStub
 
+from tests.backend.conftest import calibrate
+
 INT8, INT16 = quant.get_default_qat_qconfig(), quant.get_default_qat_qconfig(activation_dtype="qint16")
 
 
 def _cosine(a, b):
     return float(F.cosine_similarity(a.detach().flatten().double(), b.detach().flatten().double(), dim=0))
-
-
-def _calibrated(qat, inputs):
-    quant.set_fake_quant_state(qat, "calibration")
-    qat.eval()
-    with torch.no_grad():
-        for x in inputs:
-            qat(x)
-    quant.set_fake_quant_state(qat, "validation")
-    return qat
 
 
 def _prepared(model, build, qconfig_dict, x):
@@ -93,7 +85,7 @@ def test_matmul_through_every_stage(build, out_dtype, tmp_path):
     # int8 operands (the linears); the matmul's own output int8 or int16: qint8 x qint8 fits int32 for any K here
     qconfig_dict = {"": INT8, "module_type": [(quant.FloatFunctional, INT16 if out_dtype == "qint16" else INT8)]}
     x = _batches((4, 5, 8), 1)[0]
-    qat = _calibrated(_prepared(model, build, qconfig_dict, x), _batches((4, 5, 8)))
+    qat = calibrate(_prepared(model, build, qconfig_dict, x), _batches((4, 5, 8)))
     qmodel = quant.convert(qat)
     with torch.no_grad():
         expected, fake, out = model(x), qat(x), qmodel(x)
@@ -108,7 +100,7 @@ def test_matmul_through_every_stage(build, out_dtype, tmp_path):
 def test_int16_times_int16_is_refused_by_the_checker():
     torch.manual_seed(0)
     x = _batches((2, 5, 8), 1)[0]
-    qmodel = quant.convert(_calibrated(quant.prepare_qat(EagerMatmul().eval(), {"": INT16}), [x]))
+    qmodel = quant.convert(calibrate(quant.prepare_qat(EagerMatmul().eval(), {"": INT16}), [x]))
     report = backend.check_model(qmodel, (x,))
     finding = next(f for f in report.findings if f.rule == "accumulator")
     assert finding.module == "f" and "qint16 x qint16 over K = 6" in finding.message and "int8" in finding.message
@@ -165,7 +157,7 @@ def test_matmul_calls_are_rewritten_by_prepare_qat_fx(form, tmp_path):
     model, x = Forms(form).eval(), _batches((3, 5, 8), 1)[0]
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
     assert sum(isinstance(m, QATFloatFunctional) for m in qat.modules()) == 1
-    qat = _calibrated(qat, _batches((3, 5, 8)))
+    qat = calibrate(qat, _batches((3, 5, 8)))
     qmodel = quant.convert(qat)
     with torch.no_grad():
         assert _cosine(qmodel(x), model(x)) > 0.99
@@ -195,7 +187,7 @@ def test_activation_times_a_parameter_quantizes_the_parameter(tmp_path):
     model, x = ByWeight().eval(), _batches((4, 5, 8), 1)[0]
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
     assert sum(isinstance(m, QATQuantStub) for m in qat.modules()) == 2  # the input's and the weight's
-    qmodel = quant.convert(_calibrated(qat, _batches((4, 5, 8))))
+    qmodel = quant.convert(calibrate(qat, _batches((4, 5, 8))))
     with torch.no_grad():
         assert _cosine(qmodel(x), model(x)) > 0.99
     _program_checks(qmodel, x, tmp_path)
@@ -225,7 +217,7 @@ def test_self_attention_block(bias, tmp_path):
         model.q.weight.mul_(3)
     x = _batches((4, 6, 16), 1)[0]
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
-    qmodel = quant.convert(_calibrated(qat, _batches((4, 6, 16), 6)))
+    qmodel = quant.convert(calibrate(qat, _batches((4, 6, 16), 6)))
     with torch.no_grad():
         expected, out = model(x), qmodel(x)
     assert _cosine(out, expected) > 0.98
@@ -276,7 +268,7 @@ def test_vit_style_model(batch_first, tmp_path):
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
     names = dict(qat.named_modules())
     assert names["attention_in_proj"].layer.weight is qat.attention.in_proj_weight  # the module's own parameters
-    qat = _calibrated(qat, _batches((4, 3, 16, 16)))
+    qat = calibrate(qat, _batches((4, 3, 16, 16)))
     qat.train()  # QAT trains through the rewritten attention, into the class token
     quant.set_fake_quant_state(qat, "qat")
     qat(x).sum().backward()
@@ -331,7 +323,7 @@ def test_torchvision_vision_transformer(tmp_path):
         assert "layer_norm is not supported" in str(exc)  # the expected blocker, until LayerNorm is supported
     model = _torchvision_vit(layer_norm=False)
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
-    qmodel = quant.convert(_calibrated(qat, _batches((2, 3, 32, 32))))
+    qmodel = quant.convert(calibrate(qat, _batches((2, 3, 32, 32))))
     with torch.no_grad():
         assert _cosine(qmodel(x), model(x)) > 0.97
     _program_checks(qmodel, x, tmp_path)

@@ -15,7 +15,7 @@ from hat.quant.fx import quant_friendly
 from hat.quant.onnx_helper import export_quantized_onnx
 from hat.quant.qtensor import QuantizationError
 from hat.quant.quantized import QuantizedConv2d
-from tests.backend.conftest import calibrate_and_convert
+from tests.backend.conftest import calibrate, calibrate_and_convert
 
 DTYPES = ("qint8", "qint16")
 CHANNELS = 6
@@ -250,13 +250,7 @@ def test_densenet121_prepare_calibrate_convert_bit_exact():
     # every dense layer's norm1, every transition's norm and norm5 (norm0 follows conv0: folded into it), each with
     # its relu fused
     assert len(standalone) == 58 + 3 + 1 and all(m.activation == "relu" for m in standalone)
-    quant.set_fake_quant_state(qat, "calibration")
-    qat.eval()
-    with torch.no_grad():
-        for x in batches:
-            qat(x)
-    quant.set_fake_quant_state(qat, "validation")
-    qmodel = quant.convert(qat)
+    qmodel = quant.convert(calibrate(qat, batches))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert _cosine(qat(x), qmodel(x)) > 0.99
