@@ -357,3 +357,8 @@ def pad(x: torch.Tensor, *, pads: Sequence[int], value: int) -> torch.Tensor:
 
 
 KERNELS.update({f.__name__: f for f in (window_mean, resize_bilinear, pad)})
+
+
+from hat.integer.norm_kernels import layer_norm  # noqa: E402  (LayerNorm / GroupNorm, issue 16)
+
+KERNELS[layer_norm.__name__] = layer_norm

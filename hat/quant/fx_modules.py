@@ -19,6 +19,7 @@ def rewrite_parameter_calls(gm: fx.GraphModule, model: nn.Module) -> None:
     rewrite_functional_batch_norm(gm, model)
     _rewrite_linear(gm)
     _rewrite_prelu(gm)
+    _rewrite_norms(gm)
 
 
 _BATCH_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
@@ -185,3 +186,47 @@ def _rewrite_prelu(gm: fx.GraphModule) -> None:
         replace_with_module(gm, node, module, "prelu", x)
         if not weight.users:
             graph.erase_node(weight)
+
+
+_NORM_ARGUMENTS = {F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+                   F.group_norm: ("input", "num_groups", "weight", "bias", "eps")}
+
+
+def _rewrite_norms(gm: fx.GraphModule) -> None:
+    """F.layer_norm(x, normalized_shape, weight, bias, eps) and F.group_norm(x, num_groups, weight, bias, eps), the
+    weight and bias parameters (or buffers) the model holds or None -> an nn.LayerNorm / nn.GroupNorm holding those
+    very tensors (QAT keeps training them), which prepare_qat swaps for QATLayerNorm (torchvision's LayerNorm2d:
+    permute, F.layer_norm, permute back)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target in _NORM_ARGUMENTS):
+            continue
+        names = _NORM_ARGUMENTS[node.target]
+        bound = dict(zip(names, node.args), **node.kwargs)
+        x, weight, bias, eps = bound.get("input"), bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+        if not is_tensor(x):
+            continue
+        call = "F.layer_norm" if node.target is F.layer_norm else "F.group_norm"
+        if not all(t is None or (isinstance(t, fx.Node) and t.op == "get_attr") for t in (weight, bias)):
+            raise QuantizationError(f"prepare_qat_fx: {call} in {where(node)} takes a weight or bias computed in "
+                                    f"forward; hold them as nn.Parameters of the model (or use the nn module), so "
+                                    f"that convert can fold them into integer multipliers")
+        setting = bound.get(names[1])
+        shape = [setting] if isinstance(setting, int) else list(setting) if isinstance(setting, (list, tuple)) \
+            else None
+        if shape is None or not all(isinstance(v, int) for v in shape) or not isinstance(eps, (int, float)):
+            raise QuantizationError(f"prepare_qat_fx: {call} in {where(node)} with {names[1]}={setting!r} and "
+                                    f"eps={eps!r}; give them as numbers (fixed at convert)")
+        tensors = [None if t is None else attribute(gm, t.target) for t in (weight, bias)]
+        if node.target is F.layer_norm:
+            module = nn.LayerNorm(shape, eps=float(eps), elementwise_affine=False)
+        else:
+            module = nn.GroupNorm(shape[0], x.meta["tensor_meta"].shape[1], eps=float(eps), affine=False)
+        for name, value in zip(("weight", "bias"), tensors):  # the model's own parameters; a buffer stays fixed
+            if value is not None:
+                setattr(module, name, value if isinstance(value, nn.Parameter)
+                        else nn.Parameter(value.detach().clone(), False))
+        replace_with_module(gm, node, module, "layer_norm" if node.target is F.layer_norm else "group_norm", x)
+        for t in (weight, bias):
+            if t is not None and not t.users:
+                graph.erase_node(t)

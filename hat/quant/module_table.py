@@ -13,6 +13,7 @@ from torch import nn
 
 from hat.quant import elementwise, prelu, softmax
 from hat.quant import batch_norm
+from hat.quant import layer_norm
 from hat.quant.fuse import FusedLayer
 from hat.quant.qat import QATConv2d, QATDeQuantStub, QATFloatFunctional, QATLinear, QATQuantStub, _QATWeighted
 from hat.quant.qconfig import QConfig
@@ -92,6 +93,11 @@ MODULE_OPS: tuple[ModuleOp, ...] = (
              _weighted_quantized(batch_norm.QuantizedBatchNorm1d),
              "`nn.BatchNorm1d` that no linear precedes, on (N, C) or (N, C, L) (+ relu/relu6 fused): the same "
              "depthwise `conv2d` between `layout` reshapes; int8/int16 output"),
+    ModuleOp("layer_norm", layer_norm.takes, layer_norm.qat_module, layer_norm.QATLayerNorm,
+             layer_norm.quantized_module,
+             "`nn.LayerNorm` over the last dim(s) and `nn.GroupNorm` (prepare_qat_fx rewrites `F.layer_norm` / "
+             "`F.group_norm` on the model's parameters, e.g. torchvision's `LayerNorm2d`): integer mean and variance, "
+             "rsqrt mantissa table, per-channel affine (`layer_norm`, hat/quant/layer_norm.py)"),
 )
 _BY_QAT_TYPE = {op.qat: op for op in MODULE_OPS}
 

@@ -1,6 +1,7 @@
 """Quantized models for the backend tests: prepare, calibrate on the given batches, convert."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -31,3 +32,17 @@ def calibrate(qat: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
 @pytest.fixture
 def quantized():
     return calibrate_and_convert
+
+
+def run_quantized_onnx(qmodel: nn.Module, x: torch.Tensor, folder) -> torch.Tensor:
+    """The quantized model exported in QDQ form and run by onnxruntime at basic graph optimization (its full level
+    swaps QDQ groups for its own integer kernels, which drift tens of steps: README, ONNX)."""
+    import onnxruntime as ort
+
+    from hat.quant.onnx_helper import export_quantized_onnx
+
+    path = export_quantized_onnx(qmodel, (x,), Path(folder) / "m.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])

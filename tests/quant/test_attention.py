@@ -11,10 +11,9 @@ from torch import nn
 from hat import backend, quant
 from hat.integer import kernels
 from hat.integer.profile import TORCH_DTYPES, qrange
-from hat.quant.onnx_helper import export_quantized_onnx
 from hat.quant.qat import QATFloatFunctional, QATQuantStub
 
-from tests.backend.conftest import calibrate
+from tests.backend.conftest import calibrate, run_quantized_onnx
 
 INT8, INT16 = quant.get_default_qat_qconfig(), quant.get_default_qat_qconfig(activation_dtype="qint16")
 
@@ -46,12 +45,8 @@ def _program_checks(qmodel, x, tmp_path):
 
 
 def _onnx(qmodel, x, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    path = export_quantized_onnx(qmodel, (x,), tmp_path / "m.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(path), options)
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    pytest.importorskip("onnxruntime")
+    return run_quantized_onnx(qmodel, x, tmp_path)
 
 
 # --- matmul --------------------------------------------------------------------------------------------------------
@@ -311,19 +306,14 @@ def _torchvision_vit(layer_norm: bool) -> nn.Module:
 
 
 def test_torchvision_vision_transformer(tmp_path):
-    """torchvision's VisionTransformer: class token, position embedding and nn.MultiheadAttention(batch_first=True,
-    need_weights=False) pass everywhere; its LayerNorm is the one blocker (not supported yet: another issue)."""
+    """torchvision's VisionTransformer as it is: class token, position embedding, nn.MultiheadAttention(batch_first=True,
+    need_weights=False) and its LayerNorms."""
     torch.manual_seed(0)
     x = _batches((2, 3, 32, 32), 1)[0]
-    try:
-        qat = quant.prepare_qat_fx(_torchvision_vit(layer_norm=True), {"": INT8}, example_inputs=(x,))
-        with torch.no_grad():
-            qat.eval()(x)
-    except quant.QuantizationError as exc:
-        assert "layer_norm is not supported" in str(exc)  # the expected blocker, until LayerNorm is supported
-    model = _torchvision_vit(layer_norm=False)
+    model = _torchvision_vit(layer_norm=True)
     qat = quant.prepare_qat_fx(model, {"": INT8}, example_inputs=(x,))
-    qmodel = quant.convert(calibrate(qat, _batches((2, 3, 32, 32))))
-    with torch.no_grad():
-        assert _cosine(qmodel(x), model(x)) > 0.97
+    qat = calibrate(qat, _batches((2, 3, 32, 32)))
+    qmodel = quant.convert(qat)
+    with torch.no_grad():  # int8 everywhere in a random 16-wide transformer: QAT itself is ~0.95 from float
+        assert _cosine(qmodel(x), qat(x)) > 0.99 and _cosine(qmodel(x), model(x)) > 0.9
     _program_checks(qmodel, x, tmp_path)

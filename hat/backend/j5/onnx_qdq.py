@@ -214,3 +214,25 @@ _TRANSLATIONS = {
                                                          axis=p["dim"])),
 }
 _TRANSLATIONS.update(GRID_TRANSLATIONS)
+
+
+def _layer_norm(g: Graph, xs: list[str], node: Node, p: dict) -> str:
+    """layer_norm (LayerNorm / GroupNorm) in float ONNX operators: the groups' mean and variance (ReduceMean), eps
+    as the program holds it, then the affine the program applies (multiplier / 2^shift * 2^y_bits * s_out, bias /
+    2^shift * s_out)."""
+    x, start, groups = xs[0], p["start_dim"], p["groups"]
+    s_in, s_out = float(g.scale(node.inputs[0])[0]), float(g.scale(node.output)[0])
+    eps = p["eps"] * s_in ** 2 / 2.0 ** (2 * p["mean_bits"])
+    grouped = g.op("Reshape", [x, g.const(np.asarray([0] * start + [groups, -1], dtype=np.int64))])
+    last = g.const(np.asarray([-1], dtype=np.int64))
+    d = g.op("Sub", [grouped, g.op("ReduceMean", [grouped, last], keepdims=1)])
+    variance = g.op("ReduceMean", [g.op("Mul", [d, d]), last], keepdims=1)
+    y = g.op("Div", [d, g.op("Sqrt", [g.op("Add", [variance, g.const(np.float32(eps))])])])
+    y = g.op("Reshape", [y, g.op("Shape", [x])])
+    shift = 2.0 ** p["shift"].double()
+    gamma = (p["multiplier"].double() / shift * 2.0 ** p["y_bits"] * s_out).numpy().astype(np.float32)
+    beta = (p["bias"].double() / shift * s_out).numpy().astype(np.float32)
+    return g.op("Add", [g.op("Mul", [y, g.const(gamma)]), g.const(beta)])
+
+
+_TRANSLATIONS["layer_norm"] = float_op(_layer_norm)

@@ -165,6 +165,7 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
         "lookup": {"table": dict(dtypes=_INTS, low=-2**31, high=2**31 - 1), "out_dtype": dict(choices=tuple(QRANGES))},
         "segment_lookup": _segmented_ranges(p),
         "softmax_lut": _softmax_ranges(p),
+        "layer_norm": _norm_ranges(p),
         "grid_sample": {"grid_scale": scale, "coord_shift": dict(low=0, high=grid.max_coord_shift),
                         "mode": dict(choices=grid.modes), "padding_mode": dict(choices=grid.padding_modes)},
     }
@@ -202,6 +203,20 @@ def _softmax_ranges(p: Profile) -> dict[str, dict[str, Any]]:
             "fraction_bits": dict(low=0, high=16), "recip_shift": dict(low=-p.max_shift, high=p.max_shift),
             "multiplier": dict(low=1, high=p.multiplier_max), "shift": dict(low=0, high=p.max_shift),
             "ln2": dict(low=0, high=int32_max), "log_offset": dict(low=0, high=int32_max),
+            "out_dtype": dict(choices=p.activation_dtypes)}
+
+
+def _norm_ranges(p: Profile) -> dict[str, dict[str, Any]]:
+    """layer_norm (hat/integer/norm_tables.py): group layout, the mean's fraction bits, eps in int64, an int32
+    rsqrt table of 16-bit entries, the affine as requantization's int16 multipliers and shifts and an int32 bias."""
+    acc_low, acc_high = p.qrange(p.accumulator_dtype)
+    return {"start_dim": dict(low=1, high=MAX_RANK - 1), "groups": dict(low=1, high=p.tensor.max_hwc),
+            "mean_bits": dict(low=0, high=16), "eps": dict(low=0, high=INT64_ROOM),
+            "rsqrt_table": dict(dtypes=(torch.int32,), low=0, high=2 ** 16),
+            "fraction_bits": dict(low=0, high=16), "rsqrt_bits": dict(low=0, high=16), "y_bits": dict(low=0, high=24),
+            "multiplier": dict(dtypes=_INTS, low=-p.multiplier_max, high=p.multiplier_max),
+            "shift": dict(dtypes=_INTS, low=0, high=p.max_shift),
+            "bias": dict(dtypes=_INTS, low=acc_low, high=acc_high),
             "out_dtype": dict(choices=p.activation_dtypes)}
 
 

@@ -138,7 +138,21 @@ def _pad(params: dict) -> Optional[str]:
     return None
 
 
-_GRID_RELATIONS = {"window_mean": _window_mean, "resize_bilinear": _resize_bilinear, "pad": _pad}
+def _layer_norm(params: dict) -> Optional[str]:
+    """layer_norm: a rsqrt table of 3 * 2^b + 1 entries, and multiplier, shift and bias of one shape."""
+    table = params["rsqrt_table"]
+    step = (table.numel() - 1) // 3 if table.dim() == 1 else 0
+    if step < 1 or table.numel() != 3 * step + 1 or step & (step - 1) or step > 2 ** 16:
+        return f"parameter 'rsqrt_table' has shape {list(table.shape)}; expected [3 * 2^b + 1], b in [0, 16]"
+    shapes = [list(params[name].shape) for name in ("multiplier", "shift", "bias")]
+    if shapes[0] != shapes[1] or shapes[0] != shapes[2] or params["multiplier"].dim() > 8:
+        return (f"parameters 'multiplier', 'shift' and 'bias' have shapes {shapes[0]}, {shapes[1]} and {shapes[2]}; "
+                f"expected one shape (the affine's)")
+    return None
+
+
+_GRID_RELATIONS = {"layer_norm": _layer_norm, "window_mean": _window_mean, "resize_bilinear": _resize_bilinear,
+                   "pad": _pad}
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +199,7 @@ INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"matmul": _two_activati
                                                          "prelu": _activation_input}
 
 
-INPUT_CHECKS.update({op: _activation_input for op in ("window_mean", "resize_bilinear", "pad")})
+INPUT_CHECKS.update({op: _activation_input for op in ("window_mean", "resize_bilinear", "pad", "layer_norm")})
 
 
 def check_inputs(op: str, inputs: list[torch.Tensor]) -> Optional[str]:
