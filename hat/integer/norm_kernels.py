@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hat.integer.profile import TORCH_DTYPES, qrange
-from hat.integer.table_kernels import _leading_bit
+from hat.integer.table_kernels import leading_bit
 from hat.ops.reference import shift_right_round
 
 INT64_BITS = 63  # a sum the kernel holds in int64 stays below 2^63
@@ -51,7 +51,7 @@ def layer_norm(x: torch.Tensor, *, start_dim: int, groups: int, mean_bits: int, 
     d = torch.bitwise_left_shift(v, mean_bits) - mean
     variance = torch.div(2 * (d * d).sum(-1, keepdim=True) + n, 2 * n, rounding_mode="floor")
     energy = (variance + eps).clamp(min=1)
-    e = _leading_bit(energy)
+    e = leading_bit(energy)
     e = e - torch.bitwise_and(e, 1)  # even: the mantissa lies in [1, 4)
     r = _rsqrt_lookup(energy, e, rsqrt_table, fraction_bits)
     y = _shift_round(d * r, rsqrt_bits + torch.bitwise_right_shift(e, 1) - y_bits).reshape(shape)

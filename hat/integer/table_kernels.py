@@ -112,7 +112,7 @@ def softmax_lut(x: torch.Tensor, *, dim: int, log: bool, d_shift: int, internal_
     d = x.long() - x.long().amax(dim=dim, keepdim=True)
     e = _exp_of_difference(round_shift(d, d_shift), exp_table, segments, internal_dtype)
     total = e.sum(dim=dim, keepdim=True).clamp(min=1)
-    n = _leading_bit(total)
+    n = leading_bit(total)
     t = _mantissa_lookup(total, n, mantissa_table, fraction_bits)
     qmin, qmax = qrange(out_dtype)
     if log:
@@ -135,7 +135,7 @@ def _exp_of_difference(d: torch.Tensor, exp_table: Optional[torch.Tensor], segme
     return e.clamp(0, qrange(internal_dtype)[1])
 
 
-def _leading_bit(v: torch.Tensor) -> torch.Tensor:
+def leading_bit(v: torch.Tensor) -> torch.Tensor:
     """floor(log2(v)) of v >= 1 (int64), by halving steps: integer ops only."""
     n = torch.zeros_like(v)
     for step in (32, 16, 8, 4, 2, 1):

@@ -133,8 +133,7 @@ def _fuse(gm: fx.GraphModule) -> None:
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     """The one node that uses `node`'s values; reads of its shape (timm's `_assert(x.ndim == 4)`) do not count."""
     users = [user for user in node.users  # x.shape, x.ndim, x.size(): the fused layer keeps the shape
-             if not (user.op in ("call_function", "call_method") and user.args[:1] == (node,)
-                     and fx_tracer._reads_metadata(user.op, user.target, user.args))]
+             if not (user.args[:1] == (node,) and fx_tracer.reads_metadata(user))]
     return users[0] if len(users) == 1 else None
 
 

@@ -31,11 +31,6 @@ def rewrite_attention(gm: fx.GraphModule) -> None:
     _rewrite_matmul_calls(gm)
 
 
-def reads_metadata(node: fx.Node) -> bool:
-    """x.shape, x.size(0), x.dim(), ...: a node that reads a tensor's metadata, not its values."""
-    return node.op in ("call_function", "call_method") and fx_tracer._reads_metadata(node.op, node.target, node.args)
-
-
 # --- making nodes ----------------------------------------------------------------------------------------------------
 class _Builder:
     """New nodes before `anchor`, named after it, each with its tensor_meta and the anchor's stack trace."""
@@ -360,7 +355,7 @@ def _batch_of(size: Any, from_input: set) -> Optional[fx.Node]:
     source = None
     if size.op == "call_function" and size.target is operator.getitem and size.args[1:] == (0,):
         shape = size.args[0]
-        if isinstance(shape, fx.Node) and reads_metadata(shape) and (
+        if isinstance(shape, fx.Node) and fx_tracer.reads_metadata(shape) and (
                 shape.target == "size" and len(shape.args) == 1 or shape.args[1:] == ("shape",)):
             source = shape.args[0]
     elif size.op == "call_method" and size.target == "size" and (size.args[1:] == (0,) or size.kwargs == {"dim": 0}):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from hat.quant import optable
+from hat.quant import fx_tracer, optable
 from hat.quant.fx_common import from_source, is_tensor, replace_with_module, where
 from hat.quant.elementwise import ElementwiseOp
 from hat.quant.qtensor import QuantizationError
@@ -259,11 +259,9 @@ def _from_input(graph: fx.Graph) -> set[fx.Node]:
     """The nodes computed from the model input's values. Reads of its metadata (x.shape, x.size(0), x.dim()) and
     what is computed from them only are not: `self.class_token.expand(x.shape[0], -1, -1)` is the model's own
     tensor, which gets a QuantStub where it meets an activation."""
-    from hat.quant.fx_attention import reads_metadata
-
     found: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or (not reads_metadata(node) and any(n in found for n in node.all_input_nodes)):
+        if node.op == "placeholder" or (not fx_tracer.reads_metadata(node) and any(n in found for n in node.all_input_nodes)):
             found.add(node)
     return found
 

@@ -122,6 +122,11 @@ def _proxies(tree: Any) -> list[fx.Proxy]:
     return found
 
 
+def reads_metadata(node: fx.Node) -> bool:
+    """x.shape, x.size(0), x.dim(), ...: a graph node that reads a tensor's metadata, not its values."""
+    return node.op in ("call_function", "call_method") and _reads_metadata(node.op, node.target, node.args)
+
+
 def _reads_metadata(kind: str, target: Any, args: tuple) -> bool:
     if kind == "call_method":
         return target in _METADATA_METHODS
