@@ -1,10 +1,10 @@
 """How far each torchvision classification model gets through the integer pipeline, and how close it stays to float.
 
 Per model (random init with batch-norm statistics set on the batches, so activations keep their scale instead of
-vanishing as in a fresh mobilenet_v3; num_classes 10, batch 4, 64x64, 224 where the architecture needs it):
-prepare_qat_fx ->
-calibration (2 batches) -> a QAT backward -> convert -> check -> compile -> program == quantized model (batch 4 and 1,
-and after a .hir save/load). Cosines against the float model's logits: QAT (validation state), quantized, and
+vanishing as in a fresh mobilenet_v3, and zero-initialized heads given small random weights; num_classes 10, batch
+4, 64x64, 224 where the architecture needs it): prepare_qat_fx -> calibration (2 batches) -> a QAT backward ->
+convert -> check -> compile -> program == quantized model (batch 4 and 1, and after a .hir save/load). Cosines
+against the float model's logits: QAT (validation state), quantized, and
 PyTorch's own torch.ao FX QAT flow (x86 qconfig mapping) on the same weights and batches.
 
     python benchmarks/model_breadth.py [--models resnet18 vit_b_32 ...] [--max-params 100] [--out table.md]
@@ -101,6 +101,14 @@ def run_torch_ao(float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict
         row["cos_torch_ao"] = _cosine(convert_fx(prepared)(x), reference)
 
 
+def _unzero_heads(model: torch.nn.Module) -> None:
+    """Layers torchvision initializes to zero (ViT's head) get small random weights: a zero output makes every
+    cosine 0 and says nothing."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
+
+
 def _set_norm_statistics(model: torch.nn.Module, xs: list[torch.Tensor]) -> None:
     """Batch-norm running statistics = those of the batches (cumulative average); weights untouched."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -130,6 +138,7 @@ def measure(name: str, max_params_m: float) -> dict:
     row["stage"] = "build"
     xs = _inputs(name)
     try:
+        _unzero_heads(model)
         _set_norm_statistics(model, xs)
         run_hat(name, model, xs, row)
     except Exception as exc:  # the row says where and why; the next model runs

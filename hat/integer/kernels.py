@@ -31,11 +31,12 @@ def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Ten
     return values.reshape(shape)
 
 
-def accumulator_bound(weight_int: torch.Tensor, input_dtype: str) -> int:
-    """The largest |sum| a filter can reach before the bias: max over channels of sum|w| * max|x|."""
+def accumulator_bound(weight_int: torch.Tensor, input_dtype: str, bias: Optional[torch.Tensor] = None) -> int:
+    """The largest |sum| a filter can reach: max over channels of sum|w| * max|x|, plus max|bias| when given."""
     qmin, qmax = qrange(input_dtype)
     per_filter = weight_int.reshape(len(weight_int), -1).abs().sum(1, dtype=torch.int64)
-    return int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
+    worst = int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
+    return worst + (int(bias.abs().max()) if bias is not None and bias.numel() else 0)
 
 
 def accumulate_plan(weight_int: torch.Tensor, input_dtype: str, groups: int = 1, max_splits: int = 8) -> dict:
@@ -102,18 +103,29 @@ def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, input_
     return sum(torch.round(compute(xs.to(dtype), ws.to(dtype))).long() for xs, ws in pairs)
 
 
-def _finish(acc: torch.Tensor, bias: torch.Tensor, axis: int, relu: bool, multiplier: Optional[torch.Tensor],
+def _finish(acc: torch.Tensor, bias: Optional[torch.Tensor], axis: int, relu: bool, multiplier: Optional[torch.Tensor],
             shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
             out_dtype: str) -> torch.Tensor:
     """bias on the int32 accumulator, saturate, relu; then requantize (or keep int32: a high-precision output)."""
     qmin, qmax = qrange("qint32")
-    acc = (acc + along_axis(bias, acc, axis)).clamp_(min=0 if relu else qmin, max=qmax)
+    acc = (acc + along_axis(bias, acc, axis) if bias is not None else acc).clamp_(min=0 if relu else qmin, max=qmax)
     if multiplier is None:
         if acc_max is not None:  # relu6 on the accumulator's per-channel grid
             acc = torch.minimum(acc, along_axis(acc_max, acc, axis))
         return acc.to(torch.int32)
     out = requantize(acc, multiplier, shift, out_dtype, axis)
     return out.clamp_(max=min(out_max, qrange(out_dtype)[1])) if out_max is not None else out
+
+
+def sum_partials(*parts: torch.Tensor, axis: int, relu: bool, multiplier: Optional[torch.Tensor],
+                 shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
+                 out_dtype: str) -> torch.Tensor:
+    """The int32 accumulators of one conv/linear split over its input channels (conv2d/linear without
+    requantization, the bias in the first), summed exactly; then the layer's relu and requantization."""
+    acc = parts[0].long()
+    for part in parts[1:]:
+        acc = acc + part.long()
+    return _finish(acc, None, axis, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
 # --- tensor-tensor arithmetic (FloatFunctional) ---------------------------------------------------------------------
@@ -262,9 +274,9 @@ def prelu(x: torch.Tensor, *, pos_multiplier: int, pos_shift: int, neg_multiplie
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    f.__name__: f for f in (quantize, dequantize, conv2d, linear, add, mul, add_scalar, mul_scalar, cat, identity,
-                            clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest, layout, index,
-                            concat, grid_sample, mean, extremum, lookup, segment_lookup, softmax_lut, prelu)}
+    f.__name__: f for f in (quantize, dequantize, conv2d, linear, sum_partials, add, mul, add_scalar, mul_scalar,
+                            cat, identity, clip, add_steps, max_pool2d, avg_pool2d, global_avg_pool, resize_nearest,
+                            layout, index, concat, grid_sample, mean, extremum, lookup, segment_lookup, softmax_lut, prelu)}
 
 
 # --- matmul of two activations (attention) -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 
 from hat.integer.kernels import accumulator_bound
 from hat.integer.profile import Profile, get_profile
+from hat.backend.j5.legalize import legalize
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
 from hat.backend.j5.trace import UntraceableError, trace
 from hat.errors import HatError
@@ -76,6 +77,7 @@ def check_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], march:
         return report
     finally:
         model.train(was_training)  # the caller's model leaves as it came
+    report.program = legalize(report.program, profile)
     report.findings += list(_program_findings(report.program, profile))
     return report
 
@@ -260,7 +262,7 @@ def _conv_geometry(node: Node, limits, consumers: list[Node], bad: Callable) -> 
 def _overflow(node: Node, program: Program, profile: Profile, weight: torch.Tensor) -> Iterator[Finding]:
     in_dtype = program.values[node.inputs[0]].dtype
     bias = program.tensors[node.params["bias"][TENSOR_REF]]
-    worst = accumulator_bound(weight, in_dtype) + (int(bias.abs().max()) if bias.numel() else 0)
+    worst = accumulator_bound(weight, in_dtype, bias)
     limit = profile.qrange(profile.accumulator_dtype)[1]
     if worst > limit:
         yield Finding("accumulator", node.module,

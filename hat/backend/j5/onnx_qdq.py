@@ -67,6 +67,16 @@ def _weighted(g: Graph, node: Node, params: dict) -> None:
         w = g.op("DequantizeLinear", [g.const(np.ascontiguousarray(weight.T)), g.const(w_scale.astype(np.float32))],
                  axis=1)
         y = g.op("Add", [g.op("MatMul", [x, w]), bias])
+    _finish(g, y, node, params)
+
+
+def _sum_partials(g: Graph, node: Node, params: dict) -> None:
+    """The partial accumulators of a layer split over its input channels (carried as float), summed."""
+    _finish(g, g.op("Sum", [g.dequantized(v) for v in node.inputs]), node, params)
+
+
+def _finish(g: Graph, y: str, node: Node, params: dict) -> None:
+    """A conv/linear accumulator's relu / relu6, onto the output grid."""
     if params["relu"]:
         y = g.op("Relu", [y])
     if params.get("out_max") is not None or params.get("acc_max") is not None:
@@ -191,6 +201,7 @@ def _max_pool(g: Graph, node: Node, params: dict) -> None:
 
 _TRANSLATIONS = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _weighted, "linear": _weighted,
+    "sum_partials": _sum_partials,
     "add": float_op(lambda g, xs, node, p: g.op("Add", [g.op("Mul", [xs[0], g.const(np.float32(p["x_sign"]))]),
                                                          xs[1]])),
     "mul": float_op(lambda g, xs, node, p: g.op("Mul", xs)),

@@ -120,6 +120,8 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
                    "dilation": dict(kind="sizes", low=1, high=conv.max_dilation),
                    "groups": dict(low=1, high=conv.max_in_channels)},
         "linear": weighted,
+        "sum_partials": {"axis": dim, **{k: weighted[k] for k in ("multiplier", "shift", "acc_max", "out_max",
+                                                                  "out_dtype")}},
         "add": {**requantized, "x_shift": add_shift, "x_sign": dict(choices=(-1, 1)), "y_multiplier": multiplier},
         "mul": requantized,
         "matmul": {**requantized, "accumulate": dict(choices=tuple(kernels.ACCUMULATE_DTYPES)),

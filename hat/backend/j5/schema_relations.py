@@ -34,6 +34,18 @@ def _weighted(rank: int) -> Callable[[dict], Optional[str]]:
     return check
 
 
+def _sum_partials(params: dict) -> Optional[str]:
+    """sum_partials: the requantization of the layer it completes, per tensor or one per output channel."""
+    multiplier, shift, acc_max = params.get("multiplier"), params.get("shift"), params.get("acc_max")
+    if (multiplier is None) != (shift is None):
+        return "parameters 'multiplier' and 'shift' must both be given (requantized output) or both be null"
+    if multiplier is not None and multiplier.numel() != shift.numel():
+        return f"parameters 'multiplier' and 'shift' have {multiplier.numel()} and {shift.numel()} values"
+    if acc_max is not None and multiplier is not None:
+        return "parameter 'acc_max' (relu6 on an int32 output) goes with a null multiplier"
+    return None
+
+
 def _prelu(params: dict) -> Optional[str]:
     """prelu: one negative-side multiplier and shift per slope (1, or one per channel)."""
     multiplier, shift = params["neg_multiplier"], params["neg_shift"]
@@ -159,7 +171,7 @@ _GRID_RELATIONS = {"layer_norm": _layer_norm, "window_mean": _window_mean, "resi
 def relations(march: str) -> dict[str, Callable[[dict], Optional[str]]]:
     """Per op: a check of its parameters against each other on `march` (a problem text, or None)."""
     p = get_profile(march)
-    return {"conv2d": _weighted(4), "linear": _weighted(2), "lookup": _exact_table, "prelu": _prelu,
+    return {"conv2d": _weighted(4), "linear": _weighted(2), "sum_partials": _sum_partials, "lookup": _exact_table, "prelu": _prelu,
             "segment_lookup": _segmented(p), "softmax_lut": _softmax(p), **_GRID_RELATIONS}
 
 
@@ -185,6 +197,14 @@ def _two_activations(x: torch.Tensor, y: torch.Tensor) -> Optional[str]:
     return _activation_input(x) or _activation_input(y)
 
 
+def _partial_sums(*parts: torch.Tensor) -> Optional[str]:
+    """sum_partials: two or more int32 accumulators of one shape (no broadcasting)."""
+    if len(parts) < 2 or any(p.dtype != torch.int32 or p.shape != parts[0].shape for p in parts):
+        found = ", ".join(f"{str(p.dtype).replace('torch.', '')} {list(p.shape)}" for p in parts)
+        return f"inputs are {found}; sum_partials takes two or more int32 tensors of one shape"
+    return None
+
+
 def _one_sample(x: torch.Tensor, like: torch.Tensor) -> Optional[str]:
     """expand_batch: a batch-1 tensor repeated to the batch of an input with a batch dim."""
     if x.dim() < 1 or x.shape[0] != 1 or like.dim() < 1:
@@ -193,6 +213,7 @@ def _one_sample(x: torch.Tensor, like: torch.Tensor) -> Optional[str]:
 
 
 INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"matmul": _two_activations, "expand_batch": _one_sample,
+                                                         "sum_partials": _partial_sums,
 "grid_sample": _grid_sample_inputs, "lookup": _int8_input,
                                                          "softmax_lut": _activation_input,
                                                          "segment_lookup": _activation_input,
