@@ -82,8 +82,9 @@ def _rewrite_elementwise(gm: fx.GraphModule) -> None:
     """torch.sigmoid(x), F.silu(x), x.exp(), x ** 2, F.gelu(x, approximate=...) ... -> ElementwiseOp modules, which
     prepare_qat gives an output fake quant (the table op needs an observed output scale)."""
     graph = gm.graph
+    from_input = _from_input(graph)
     for node in list(graph.nodes):
-        found = _elementwise_call(node)
+        found = _elementwise_call(node) if node in from_input else None  # not shape arithmetic, not constants
         if found is None:
             continue
         name, arguments = found
@@ -192,8 +193,8 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         return stubs[arg]
 
     for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
+        if node.op != "call_function" or node not in from_input:
+            continue  # arithmetic on the model's own tensors only (Swin's mask) stays float, quantized where used
         if node.target in _BINARY and len(node.args) == 2 and all(is_tensor(a) for a in node.args):
             if node.kwargs:
                 raise QuantizationError(f"prepare_qat_fx: {node.target.__name__}(..., {', '.join(node.kwargs)}=...) "

@@ -16,8 +16,9 @@ from torch import fx, nn
 
 _METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 _METADATA_METHODS = {"size", "dim", "numel", "get_device", "is_contiguous", "is_floating_point", "element_size",
-                     "nelement", "stride"}
+                     "nelement", "stride", "new_zeros", "new_ones", "new_full", "new_empty"}  # new_*: a new tensor
 _UNKNOWN = object()
+_OPAQUE_PACKAGES = ("torch.", "torchvision.ops")
 
 
 class ShapeBranchError(fx.proxy.TraceError):
@@ -32,6 +33,10 @@ class _ShapeProxy(fx.Proxy):
 
     __int__ = __index__
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """mask[h0:h1, w0:w1] = count (Swin's attention mask): recorded in place, as the code ran it."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class ShapeTracer(fx.Tracer):
     def __init__(self, example_inputs: Sequence[Any]):
@@ -45,6 +50,22 @@ class ShapeTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapeProxy(node, self)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Functions a model's code marks with torch.fx.wrap (torchvision's shifted_window_attention) are traced
+        through: an opaque call would meet QTensors inside. torch's and torchvision.ops' own stay calls."""
+        from torch.fx import _symbolic_trace
+
+        wrapped = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+        saved = dict(wrapped)
+        for key, namespace in saved.items():
+            if not str(namespace.get("__name__", "")).startswith(_OPAQUE_PACKAGES):
+                del wrapped[key]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            wrapped.clear()
+            wrapped.update(saved)
 
     # while a node's example value is computed, module calls and attributes are the real ones (no tracing)
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:

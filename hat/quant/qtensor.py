@@ -80,6 +80,22 @@ class QTensor:
     def __len__(self) -> int:
         return len(self.data)
 
+    # x.new_zeros(shape) and co. read only the device: a plain float tensor (a mask built from shapes), not data
+    def new_zeros(self, *size: Any, **options: Any) -> torch.Tensor:
+        return torch.zeros(*size, **self._new_options(options))
+
+    def new_ones(self, *size: Any, **options: Any) -> torch.Tensor:
+        return torch.ones(*size, **self._new_options(options))
+
+    def new_full(self, size: Any, fill_value: Any, **options: Any) -> torch.Tensor:
+        return torch.full(size, fill_value, **self._new_options(options))
+
+    def new_empty(self, *size: Any, **options: Any) -> torch.Tensor:
+        return torch.empty(*size, **self._new_options(options))
+
+    def _new_options(self, options: dict) -> dict:
+        return {"dtype": torch.float32, "device": self.device, **{k: v for k, v in options.items() if v is not None}}
+
     def __bool__(self) -> bool:
         raise QuantizationError(f"control flow (if/while/assert) on the value of a QTensor from "
                                 f"'{self.producer or '?'}': a compiled model has one path (FAQ 2.4 Q10); remove the "

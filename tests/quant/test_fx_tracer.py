@@ -66,3 +66,47 @@ def test_a_branch_on_tensor_values_is_still_refused_with_the_line():
     with pytest.raises(quant.QuantizationError, match=r"test_fx_tracer\.py:\d+ in forward uses a tensor value in "
                                                       r"Python control flow \('gt_1' is computed from tensor values"):
         quant.prepare_qat_fx(ValueBranch(), None, example_inputs=(torch.randn(2, 3, 4, 4),))
+
+
+def masked_scores(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Swin's pattern: a mask built from shapes by item assignment, added to scores; marked opaque for torch.fx."""
+    mask = x.new_zeros((x.shape[-2], x.shape[-1]))
+    mask[: size // 2, :] = -4.0
+    mask[size // 2:, : size // 2] = 1.5
+    return (x * 2 + mask.unsqueeze(0).unsqueeze(0)).softmax(-1)
+
+
+torch.fx.wrap("masked_scores")
+
+
+class WrappedMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return masked_scores(self.conv(x), x.shape[-1])
+
+
+def test_fx_wrapped_code_is_traced_through_and_a_shape_built_mask_stays_float():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    graph = quant_friendly(WrappedMask().eval(), (batches[0],), stubs=False)
+    assert masked_scores not in {n.target for n in graph.graph.nodes}  # traced through, not one opaque call
+    assert any(n.target == "new_zeros" for n in graph.graph.nodes)  # the mask: float code, not quantized ops
+    model = WrappedMask().eval()
+    qmodel = calibrate_and_convert(model, batches, fx=True)
+    program = backend.compile(qmodel, (batches[0],), march="bayes")
+    for batch in (batches[1], batches[2][:1]):
+        assert torch.equal(program.run(batch), qmodel(batch))
+    torch.testing.assert_close(qmodel(batches[1]), model(batches[1]), atol=0.05, rtol=0)
+
+
+def test_new_tensors_from_a_qtensor_are_plain_float_tensors():
+    from hat.quant.qtensor import QTensor
+    from hat.integer.profile import get_profile
+
+    q = QTensor(torch.ones(2, 3), torch.tensor(0.1), "qint8", profile=get_profile("bayes"))
+    assert q.new_zeros((4, 5)).dtype == torch.float32 and q.new_ones(2).sum() == 2
+    assert q.new_full((2,), 3.0).tolist() == [3.0, 3.0] and q.new_empty(3).shape == (3,)
+    assert q.new_zeros(2, dtype=torch.int64).dtype == torch.int64

@@ -103,7 +103,8 @@ class Tracer:
             value = Value("float32", list(output.shape))
             self.float_values[id(output)] = f"the output of DeQuantStub '{module}'"
         out_name = self._new_value(output, value)
-        self.program.nodes.append(Node(op, names, out_name, _batch_free(op, stored, inputs, output), module))
+        batch = self.program.values[self.program.inputs[0]].shape[0] if self.program.inputs else None
+        self.program.nodes.append(Node(op, names, out_name, _batch_free(op, stored, batch, output), module))
 
     def set_outputs(self, result: Any) -> None:
         from hat.quant.qtensor import QTensor
@@ -123,12 +124,12 @@ class Tracer:
             self.program.outputs.append(name)
 
 
-def _batch_free(op: str, params: dict, inputs: Sequence[Any], output: Any) -> dict:
-    """reshape/view shapes keep the batch dim free (-1), so the program runs any batch size."""
+def _batch_free(op: str, params: dict, batch: Optional[int], output: Any) -> dict:
+    """reshape/view shapes keep the batch dim free (-1), so the program runs any batch size: a first dim that is a
+    multiple of the model's batch (the batch itself, or batch x windows as Swin folds them) follows the batch."""
     if op != "layout" or params["method"] not in ("reshape", "view"):
         return params
-    batch = inputs[0].shape[0] if inputs[0].ndim else None
-    if output.ndim and output.shape[0] == batch:
+    if output.ndim and batch and output.shape[0] % batch == 0:
         return dict(params, args=[-1, *output.shape[1:]])
     return params
 
