@@ -2,10 +2,10 @@
 
 Per model (random init with batch-norm statistics set on the batches, so activations keep their scale instead of
 vanishing as in a fresh mobilenet_v3, and zero-initialized heads given small random weights; num_classes 10, batch
-4, 64x64, 224 where the architecture needs it): prepare_qat_fx -> calibration (2 batches) -> a QAT backward ->
-convert -> check -> compile -> program == quantized model (batch 4 and 1, and after a .hir save/load). Cosines
-against the float model's logits: QAT (validation state), quantized, and
-PyTorch's own torch.ao FX QAT flow (x86 qconfig mapping) on the same weights and batches.
+4, 64x64, 224 where the architecture needs it): backend.try_pipeline (prepare_qat_fx -> calibration on 2 batches ->
+a QAT backward -> convert -> check -> compile -> program == quantized model at batch 4 and 1 and after a .hir
+save/load). Cosines against the float model's logits: QAT (validation state), quantized, and PyTorch's own torch.ao
+FX QAT flow (x86 qconfig mapping) on the same weights and batches.
 
     python benchmarks/model_breadth.py [--models resnet18 vit_b_32 ...] [--max-params 100] [--out table.md]
 """
@@ -15,75 +15,24 @@ import argparse
 import copy
 import gc
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hat import backend, quant  # noqa: E402
+from hat import backend  # noqa: E402
+from hat.backend.trial import cosine  # noqa: E402
 
 NEEDS_224 = ("maxvit", "vit_", "swin", "googlenet")  # fixed-size internals or deep downsampling
 SIZES = {"inception_v3": 299}  # its stem and 5x5 branches need more than 224
-STAGES = ("build", "prepare", "calibration", "qat_step", "convert", "check", "compile", "bit_exact")
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 def _inputs(name: str, batches: int = 3) -> list[torch.Tensor]:
     size = SIZES.get(name, 224 if name.startswith(NEEDS_224) else 64)
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(4, 3, size, size, generator=gen) for _ in range(batches)]
-
-
-def run_hat(name: str, float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict) -> None:
-    """Each stage in turn; row["stage"] is the last one that worked."""
-    x = xs[0]
-    with torch.no_grad():
-        reference = float_model(x)
-    qat = quant.prepare_qat_fx(float_model, None, example_inputs=(x,))
-    row["stage"] = "prepare"
-    quant.set_fake_quant_state(qat, "calibration")
-    qat.eval()
-    with torch.no_grad():
-        for batch in xs[1:]:
-            qat(batch)
-    row["stage"] = "calibration"
-    quant.set_fake_quant_state(qat, "qat")
-    loss = F.cross_entropy(qat(x), torch.arange(len(x)) % 10)
-    loss.backward()
-    if not torch.isfinite(loss) or any(p.grad is not None and not torch.isfinite(p.grad).all()
-                                       for p in qat.parameters()):
-        raise RuntimeError("non-finite QAT loss or gradient")
-    qat.zero_grad(set_to_none=True)
-    row["stage"] = "qat_step"
-    quant.set_fake_quant_state(qat, "validation")
-    with torch.no_grad():
-        row["cos_qat"] = _cosine(qat(x), reference)
-    qmodel = quant.convert(qat)
-    del qat
-    with torch.no_grad():
-        quantized = qmodel(x)
-    row["cos_quantized"] = _cosine(quantized, reference)
-    row["stage"] = "convert"
-    report = backend.check_model(qmodel, (x,), march="bayes")
-    if not report.deployable:
-        raise RuntimeError(str(report).replace("\n", " "))
-    row["stage"] = "check"
-    program = report.program
-    row["stage"] = "compile"
-    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
-        loaded = backend.load(program.save(Path(folder) / "m.hir"))
-        exact = (torch.equal(program.run(x), quantized) and torch.equal(loaded.run(x), quantized)
-                 and torch.equal(program.run(x[:1]), qmodel(x[:1])))
-    row["bit_exact"] = "yes" if exact else "NO"
-    if exact:
-        row["stage"] = "bit_exact"
 
 
 def run_torch_ao(float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict) -> None:
@@ -98,7 +47,7 @@ def run_torch_ao(float_model: torch.nn.Module, xs: list[torch.Tensor], row: dict
     with torch.no_grad():
         for batch in xs[1:]:
             prepared(batch)
-        row["cos_torch_ao"] = _cosine(convert_fx(prepared)(x), reference)
+        row["cos_torch_ao"] = cosine(convert_fx(prepared)(x), reference)
 
 
 def _unzero_heads(model: torch.nn.Module) -> None:
@@ -137,14 +86,17 @@ def measure(name: str, max_params_m: float) -> dict:
         return row
     row["stage"] = "build"
     xs = _inputs(name)
+    _unzero_heads(model)
     try:
-        _unzero_heads(model)
         _set_norm_statistics(model, xs)
-        run_hat(name, model, xs, row)
     except Exception as exc:  # the row says where and why; the next model runs
         row["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
-        if "--trace" in sys.argv:
-            traceback.print_exc()
+    else:
+        trial = backend.try_pipeline(model, xs)
+        row.update(stage=trial.stage, cos_qat=trial.cos_qat, cos_quantized=trial.cos_quantized,
+                   bit_exact={None: "-", True: "yes", False: "NO"}[trial.bit_exact], error=trial.error[:160])
+        if trial.exception is not None and "--trace" in sys.argv:
+            traceback.print_exception(trial.exception)
     try:
         run_torch_ao(model, xs, row)
     except Exception as exc:

@@ -3,6 +3,7 @@
     report = backend.check_model(qmodel, example_inputs=(x,), march="bayes")   # deployable? what to fix
     prog = backend.compile(qmodel, example_inputs=(x,), march="bayes")         # ModelCheckError if not deployable
     prog.save("model.hir"); prog = backend.load("model.hir"); y = prog.run(x)  # bit-exact with qmodel(x)
+    backend.try_pipeline(float_model, batches).stage                           # how far a float model gets
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from hat.backend.j5.program import Program, ProgramInputError
+from hat.backend.trial import Trial, try_pipeline
 
 
 def check_model(model: nn.Module, example_inputs: Sequence[torch.Tensor], march: str = "bayes"):
@@ -36,4 +38,4 @@ def load(path: Union[str, os.PathLike]) -> Program:
     return load_file(path)
 
 
-__all__ = ["check_model", "compile", "load", "Program", "ProgramInputError"]
+__all__ = ["check_model", "compile", "load", "Program", "ProgramInputError", "Trial", "try_pipeline"]

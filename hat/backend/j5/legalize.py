@@ -78,7 +78,7 @@ def _space_to_depth(node: Node, program: Program, profile: Profile) -> Optional[
         nodes.append(_add(program, "pad", [source], f"{name}.pad", Value(x.dtype, [n, c, *used], **like),
                           {"pads": pads, "value": 0}, node.module))
         source = nodes[-1].output
-    (uh, uw), (oh, ow) = used, (used[0] // f, used[1] // f)
+    oh, ow = used[0] // f, used[1] // f
     steps = [("reshape", [-1, c, oh, f, ow, f], [n, c, oh, f, ow, f]),
              ("permute", [0, 1, 3, 5, 2, 4], [n, c, f, f, oh, ow]),
              ("reshape", [-1, c * f * f, oh, ow], [n, c * f * f, oh, ow])]
