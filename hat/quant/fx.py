@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from hat.quant import fx_tracer
 from hat.quant.convert import convert
 from hat.quant.fuse import ACTIVATIONS, NORMS, STANDALONE_NORMS, WEIGHTED, FusedLayer, replace_module
+from hat.quant.fx_common import computed_from_input
 from hat.quant.fx_modules import rewrite_parameter_calls
 from hat.quant.fx_rewrites import rewrite_calls
 from hat.quant.fx_tracer import ShapeBranchError, ShapeTracer
@@ -48,6 +49,7 @@ def quant_friendly(model: nn.Module, example_inputs: Sequence[torch.Tensor], stu
     rewrite_parameter_calls(gm, model)  # F.batch_norm (timm's BatchNormAct2d), F.linear, F.prelu -> modules, to fuse
     _fuse(gm)
     rewrite_calls(gm)
+    _mark_constant_modules(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -128,6 +130,18 @@ def _fuse(gm: fx.GraphModule) -> None:
             replace_module(gm, node.target, FusedLayer(modules[node.target], None, activation))
             following.replace_all_uses_with(node)
             gm.graph.erase_node(following)
+
+
+def _mark_constant_modules(gm: fx.GraphModule) -> None:
+    """Modules called on the model's own tensors only (Swin v2's position-bias MLP on a coordinate table) are float
+    code on constants: they train in float, prepare_qat leaves them as they are, and a program holds their output as
+    a constant (quantized where it meets activations)."""
+    from_input = computed_from_input(gm.graph)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node not in from_input \
+                and not isinstance(gm.get_submodule(node.target), QuantStub):  # a stub quantizes it for its user
+            for module in gm.get_submodule(node.target).modules():
+                module.hat_constant = True
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:

@@ -61,3 +61,15 @@ def replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, su
     node.replace_all_uses_with(replacement)
     gm.graph.erase_node(node)
     return replacement
+
+
+def computed_from_input(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the model input's values. Reads of its metadata (x.shape, x.size(0), x.dim()) and
+    what is computed from them only are not: `self.class_token.expand(x.shape[0], -1, -1)` is the model's own
+    tensor, which gets a QuantStub where it meets an activation."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (not fx_tracer.reads_metadata(node)
+                                         and any(n in found for n in node.all_input_nodes)):
+            found.add(node)
+    return found

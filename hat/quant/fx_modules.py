@@ -4,13 +4,15 @@ linear or batch norm fuses with its neighbours like a module written as one."""
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any
 
 import torch.nn.functional as F
 from torch import fx, nn
 
 from hat.quant.fuse import replace_module
-from hat.quant.fx_common import attribute, free_name, is_parameter, is_tensor, replace_with_module, where
+from hat.quant.fx_common import (attribute, computed_from_input, free_name, is_parameter, is_tensor,
+                                 replace_with_module, where)
 from hat.quant.qtensor import QuantizationError
 
 
@@ -128,6 +130,7 @@ def _rewrite_linear(gm: fx.GraphModule) -> None:
     those very tensors (QAT keeps training them), which prepare_qat swaps like any Linear. A weight or bias computed in
     forward is refused: the quantized linear needs its integer weights at convert."""
     graph = gm.graph
+    from_input = computed_from_input(graph)
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is F.linear):
             continue
@@ -135,13 +138,14 @@ def _rewrite_linear(gm: fx.GraphModule) -> None:
         x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
         if not is_tensor(x):
             continue
-        if not all(t is None or (isinstance(t, fx.Node) and t.op == "get_attr") for t in (weight, bias)) \
-                or weight is None:
-            raise QuantizationError(f"prepare_qat_fx: F.linear in {where(node)} takes a weight or bias computed in "
-                                    f"forward; hold them as nn.Parameters of the model (or use nn.Linear), so that "
-                                    f"convert can turn them into integers")
-        tensors = [None if t is None else gm.get_parameter(t.target) if is_parameter(gm, t.target)
-                   else gm.get_buffer(t.target) for t in (weight, bias)]
+        held = [t is None or (isinstance(t, fx.Node) and t.op == "get_attr") for t in (weight, bias)]
+        added_bias = None if held[1] else bias  # Swin v2's qkv bias with its k part zeroed: added after the linear
+        if weight is None or not held[0] or (added_bias is not None and (added_bias in from_input
+                                                                         or not is_tensor(added_bias))):
+            raise QuantizationError(f"prepare_qat_fx: F.linear in {where(node)} takes a weight computed in forward "
+                                    f"(or a bias computed from the input); hold them as nn.Parameters of the model "
+                                    f"(or use nn.Linear), so that convert can turn them into integers")
+        tensors = [None if t is None or t is added_bias else attribute(gm, t.target) for t in (weight, bias)]
         if tensors[0].dim() != 2 or (tensors[1] is not None and list(tensors[1].shape) != [tensors[0].shape[0]]):
             raise QuantizationError(f"prepare_qat_fx: F.linear in {where(node)} has a weight of shape "
                                     f"{list(tensors[0].shape)} and a bias of shape "
@@ -152,9 +156,14 @@ def _rewrite_linear(gm: fx.GraphModule) -> None:
             if value is not None:
                 setattr(module, name, value if isinstance(value, nn.Parameter)
                         else nn.Parameter(value.detach().clone(), False))
-        replace_with_module(gm, node, module, "linear", x)
+        linear = replace_with_module(gm, node, module, "linear", x)
+        if added_bias is not None:  # a tensor-tensor add: the arithmetic rewrite quantizes the bias where it meets
+            with graph.inserting_after(linear):
+                biased = graph.call_function(operator.add, (linear, added_bias))
+            biased.meta = dict(linear.meta)
+            linear.replace_all_uses_with(biased, delete_user_cb=lambda user: user is not biased)
         for t in (weight, bias):
-            if t is not None and not t.users:
+            if t is not None and t.op == "get_attr" and not t.users:
                 graph.erase_node(t)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from hat.quant import fx_tracer, optable
-from hat.quant.fx_common import from_source, is_tensor, replace_with_module, where
+from hat.quant.fx_common import computed_from_input, from_source, is_tensor, replace_with_module, where
 from hat.quant.elementwise import ElementwiseOp
 from hat.quant.qtensor import QuantizationError
 from hat.quant.softmax import SoftmaxOp, checked_dim
@@ -82,7 +82,7 @@ def _rewrite_elementwise(gm: fx.GraphModule) -> None:
     """torch.sigmoid(x), F.silu(x), x.exp(), x ** 2, F.gelu(x, approximate=...) ... -> ElementwiseOp modules, which
     prepare_qat gives an output fake quant (the table op needs an observed output scale)."""
     graph = gm.graph
-    from_input = _from_input(graph)
+    from_input = computed_from_input(graph)
     for node in list(graph.nodes):
         found = _elementwise_call(node) if node in from_input else None  # not shape arithmetic, not constants
         if found is None:
@@ -103,7 +103,7 @@ def _rewrite_division(gm: fx.GraphModule) -> None:
     float (the mul quantizes it). Division by a number needs no rewrite (QTensor.__truediv__);
     rounding_mode='floor'/'trunc' is refused."""
     graph = gm.graph
-    from_input = _from_input(graph)
+    from_input = computed_from_input(graph)
     for node in list(graph.nodes):
         if not ((node.op == "call_function" and node.target in _DIVISIONS)
                 or (node.op == "call_method" and node.target in _DIVISION_METHODS)) or len(node.args) != 2:
@@ -177,9 +177,9 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
 
     graph = gm.graph
     stubs: dict[fx.Node, fx.Node] = {}
-    from_input = _from_input(graph)
+    from_input = computed_from_input(graph)
 
-    def quantized(arg):
+    def quantized(arg, user):
         if not isinstance(arg, fx.Node) or arg in from_input:
             return arg
         if arg not in stubs:  # a parameter expanded to the batch (ViT's class token): QuantStub per sample
@@ -187,7 +187,7 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
         if stubs[arg] is None:
             name = f"quant_{arg.name}"
             gm.add_submodule(name, QuantStub())
-            with graph.inserting_after(arg):
+            with graph.inserting_before(user):  # at its first user: after any in-place change (Swin v2's bias)
                 stubs[arg] = graph.call_module(name, (arg,))
             stubs[arg].meta = dict(arg.meta)
         return stubs[arg]
@@ -213,7 +213,8 @@ def _rewrite_tensor_arithmetic(gm: fx.GraphModule) -> None:
             continue
         name = f"{node.name}_float_functional"
         gm.add_submodule(name, from_source(FloatFunctional(), node))
-        args = tuple([quantized(a) for a in arg] if isinstance(arg, list) else quantized(arg) for arg in args)
+        args = tuple([quantized(a, node) for a in arg] if isinstance(arg, list) else quantized(arg, node)
+                     for arg in args)
         with graph.inserting_before(node):
             module = graph.get_attr(name)
             replacement = graph.call_function(call_float_functional, (module, method, *args))
@@ -256,21 +257,36 @@ def _scalar_operands(graph: fx.Graph, node: fx.Node, from_input: set) -> tuple[f
     return negated, float(a)
 
 
-def _from_input(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes computed from the model input's values. Reads of its metadata (x.shape, x.size(0), x.dim()) and
-    what is computed from them only are not: `self.class_token.expand(x.shape[0], -1, -1)` is the model's own
-    tensor, which gets a QuantStub where it meets an activation."""
-    found: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or (not fx_tracer.reads_metadata(node) and any(n in found for n in node.all_input_nodes)):
-            found.add(node)
-    return found
+def _rewrite_normalize(gm: fx.GraphModule) -> None:
+    """F.normalize(x, dim=d) (Swin v2's cosine attention) -> x * rsqrt(sum(x * x, d, keepdim=True)): a mul, a sum,
+    a reciprocal-square-root table and a broadcast mul, which the later rewrites quantize. Only p=2."""
+    graph = gm.graph
+    from_input = computed_from_input(graph)
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is F.normalize) or node not in from_input:
+            continue
+        bound = dict(zip(("input", "p", "dim", "eps"), node.args), **node.kwargs)
+        if bound.get("p", 2.0) != 2.0 or bound.get("out") is not None:
+            raise QuantizationError(f"prepare_qat_fx: F.normalize with p={bound.get('p')} in {where(node)}: only "
+                                    f"the L2 norm (p=2) has a quantized form here")
+        x, dim = bound["input"], bound.get("dim", 1)
+        with graph.inserting_before(node):
+            square = graph.call_function(operator.mul, (x, x))
+            total = graph.call_function(torch.sum, (square,), {"dim": dim, "keepdim": True})
+            inverse = graph.call_function(torch.rsqrt, (total,))
+            normalized = graph.call_function(operator.mul, (x, inverse))
+        for made in (square, total, inverse):
+            made.meta = dict(x.meta)  # a tensor (the shape of the sum's differs; no rewrite reads it)
+        normalized.meta = node.meta
+        node.replace_all_uses_with(normalized)
+        graph.erase_node(node)
 
 
 def rewrite_calls(gm: fx.GraphModule) -> None:
     """Every rewrite, in the order they depend on each other (division makes a mul that the arithmetic pass takes)."""
     from hat.quant.fx_attention import rewrite_attention
 
+    _rewrite_normalize(gm)
     rewrite_attention(gm)  # matmul calls, einsum, scaled_dot_product_attention, nn.MultiheadAttention -> a @ b, softmax
     _rewrite_elementwise(gm)
     _rewrite_softmax(gm)

@@ -36,6 +36,9 @@ def prepare_qat(model: nn.Module, qconfig_dict: Optional[dict[str, Any]] = None,
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in swapped):
             continue
+        if getattr(module, "hat_constant", False):  # float code on constants (prepare_qat_fx marks it): as it is
+            swapped.append(name)
+            continue
         if qconfigs.get(name) is None:
             outer = _float_part_qconfig(model, name, module, qconfigs, fused_away)
             if outer is not None:  # an explicit float part inside a quantized module: float in between

@@ -143,6 +143,8 @@ def _float_part_message(name: str, march: str) -> str:
 
 def _refuse_float_module(name: str, m: nn.Module) -> None:
     """Called for each module the trace enters: a loss, or a layer left float, cannot run in the program."""
+    if getattr(m, "hat_constant", False):  # float code on the model's own tensors: its output is a constant
+        return
     if isinstance(m, nn.modules.loss._Loss):
         raise UntraceableError(f"a loss ({type(m).__name__}) runs inside the deploy model (FAQ 2.4 Q8): compile "
                                f"only the inference part (e.g. model.deploy_model())")
