@@ -127,8 +127,9 @@ def _plain_batch_norm(gm: fx.GraphModule, model: nn.Module, owner: str, bound: d
 
 def _rewrite_linear(gm: fx.GraphModule) -> None:
     """F.linear(x, weight, bias) with weight (and bias) parameters or buffers the model holds -> an nn.Linear holding
-    those very tensors (QAT keeps training them), which prepare_qat swaps like any Linear. A weight or bias computed in
-    forward is refused: the quantized linear needs its integer weights at convert."""
+    those very tensors (QAT keeps training them), which prepare_qat swaps like any Linear. A bias computed in forward
+    from the model's own tensors (Swin v2's qkv bias with its k part zeroed) is added after the linear instead; a
+    weight computed in forward is refused: the quantized linear needs its integer weights at convert."""
     graph = gm.graph
     from_input = computed_from_input(graph)
     for node in list(graph.nodes):
