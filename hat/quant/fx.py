@@ -137,8 +137,10 @@ def _mark_constant_modules(gm: fx.GraphModule) -> None:
     code on constants: they train in float, prepare_qat leaves them as they are, and a program holds their output as
     a constant (quantized where it meets activations)."""
     from_input = computed_from_input(gm.graph)
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node not in from_input \
+    calls = [node for node in gm.graph.nodes if node.op == "call_module"]
+    on_activations = {node.target for node in calls if node in from_input}  # a module used on both is quantized
+    for node in calls:
+        if node.target not in on_activations \
                 and not isinstance(gm.get_submodule(node.target), QuantStub):  # a stub quantizes it for its user
             for module in gm.get_submodule(node.target).modules():
                 module.hat_constant = True
