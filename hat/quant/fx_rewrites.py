@@ -19,7 +19,7 @@ from torch import fx
 from hat.quant import fx_tracer, optable
 from hat.quant.fx_common import computed_from_input, from_source, is_tensor, replace_with_module, where
 from hat.quant.elementwise import ElementwiseOp
-from hat.quant.qtensor import QuantizationError
+from hat.quant.qtensor import QTensor, QuantizationError
 from hat.quant.softmax import SoftmaxOp, checked_dim
 from hat.quant.stubs import FloatFunctional, QuantStub
 
@@ -257,6 +257,12 @@ def _scalar_operands(graph: fx.Graph, node: fx.Node, from_input: set) -> tuple[f
     return negated, float(a)
 
 
+def norm_floor(total: Any, eps: float) -> Any:
+    """F.normalize's max(norm, eps) on the sum of squares: eps^2 in float; one step of its grid when quantized, so
+    that the reciprocal square root table never meets 0 (an all-zero row: its output is 0 whatever the factor)."""
+    return torch.clamp(total, min=float(total.scale) if isinstance(total, QTensor) else eps * eps)
+
+
 def _rewrite_normalize(gm: fx.GraphModule) -> None:
     """F.normalize(x, dim=d) (Swin v2's cosine attention) -> x * rsqrt(sum(x * x, d, keepdim=True)): a mul, a sum,
     a reciprocal-square-root table and a broadcast mul, which the later rewrites quantize. Only p=2."""
@@ -273,9 +279,10 @@ def _rewrite_normalize(gm: fx.GraphModule) -> None:
         with graph.inserting_before(node):
             square = graph.call_function(operator.mul, (x, x))
             total = graph.call_function(torch.sum, (square,), {"dim": dim, "keepdim": True})
-            inverse = graph.call_function(torch.rsqrt, (total,))
+            floored = graph.call_function(norm_floor, (total, bound.get("eps", 1e-12)))
+            inverse = graph.call_function(torch.rsqrt, (floored,))
             normalized = graph.call_function(operator.mul, (x, inverse))
-        for made in (square, total, inverse):
+        for made in (square, total, floored, inverse):
             made.meta = dict(x.meta)  # a tensor (the shape of the sum's differs; no rewrite reads it)
         normalized.meta = node.meta
         node.replace_all_uses_with(normalized)

@@ -18,12 +18,7 @@ SKIPPED = {  # name: why it is not run here (each architecture's ops run through
     "vit_l_32": "306 M parameters, too big for the test machine; vit_b_32 runs the same blocks",
     "regnet_y_128gf": "645 M parameters, too big for the test machine; regnet_y_32gf runs the same blocks",
 }
-NOT_YET = {  # name: what is missing (strict xfail: it fails today, and passing makes the test say so)
-    **{name: "cosine attention normalizes all-zero key rows (padded windows, whose k bias is zeroed): rsqrt(0) "
-             "is inf where the reciprocal-square-root table is observed; the computed qkv bias, the position-bias "
-             "MLP on constants and F.normalize itself work (tests/quant/test_fx_constants.py)"
-       for name in ("swin_v2_t", "swin_v2_s", "swin_v2_b")},
-}
+NOT_YET: dict[str, str] = {}  # name: what is missing (strict xfail: passing makes the test say so)
 
 
 def _params(name: str):
@@ -51,7 +46,8 @@ def test_the_skip_lists_name_real_models():
     issue_16 = {"alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
                 "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
                 "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5",
-                "squeezenet1_0", "swin_t", "vgg11_bn", "wide_resnet50_2", "vit_b_32"}  # + swin_v2_t (NOT_YET)
+                "squeezenet1_0", "swin_t", "swin_v2_t", "vgg11_bn", "wide_resnet50_2", "vit_b_32"}
+    assert len(issue_16) == 24
     assert not issue_16 & set(SKIPPED) and not issue_16 & set(NOT_YET)
 
 

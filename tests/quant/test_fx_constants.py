@@ -95,3 +95,25 @@ def test_other_norms_than_l2_are_refused_with_the_line():
 
     with pytest.raises(quant.QuantizationError, match=r"p=1.0 in test_fx_constants\.py:\d+"):
         quant.prepare_qat_fx(L1(), None, example_inputs=(torch.randn(2, 8),))
+
+
+def test_f_normalize_of_an_all_zero_row_is_zero_and_finite():
+    """Swin v2 at 64x64: padded windows give keys of exactly 0; their sum of squares is floored at one step, so the
+    reciprocal square root table (and its observer) never sees rsqrt(0) = inf."""
+    torch.manual_seed(0)
+    model = Normalized().eval()
+    batches = [torch.randn(4, 3, 8) for _ in range(3)]
+    for x in batches:
+        x[:, 0] = 0  # a padded token
+    with torch.no_grad():
+        model.fc.bias.zero_()  # its features are exactly 0: rows of zeros to normalize
+    qat = quant.prepare_qat_fx(model, None, example_inputs=(batches[0],))
+    quant.set_fake_quant_state(qat, "calibration")
+    for x in batches:
+        qat(x)
+    quant.set_fake_quant_state(qat, "qat")
+    out = qat(batches[0])
+    out.sum().backward()
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # zero in, zero out
+    assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in qat.parameters()
+                                             if p.grad is not None)

@@ -202,12 +202,17 @@ def test_torchvision_convnext_tiny(tmp_path):
     assert [n.op for n in program.nodes].count("layer_norm") == 23  # 18 blocks, 3 downsamples, stem, head
 
 
-def test_torchvision_swin(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin(version, tmp_path):
     """Swin in small: torchvision's fx.wrap'd shifted_window_attention traced through, its attention mask built by
-    item assignment on x.new_zeros(...) kept float and quantized where it meets the scores."""
+    item assignment on x.new_zeros(...) kept float and quantized where it meets the scores. Version 2 adds cosine
+    attention (F.normalize), a qkv bias computed in forward and a position-bias MLP on a constant table."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
     torch.manual_seed(0)
+    v2 = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if version == 2 else {}
     model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                                               window_size=[4, 4], num_classes=10).eval()
+                                               window_size=[4, 4], num_classes=10, **v2).eval()
     batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     program = _torchvision_program(model, batches[0], batches, tmp_path, 0.95)
     ops = [n.op for n in program.nodes]
