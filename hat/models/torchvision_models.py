@@ -6,6 +6,8 @@ and the zoo treat it like a hat model. No weights download: start from a checkpo
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -15,16 +17,26 @@ from hat.registry import register
 
 
 @register(kind="model")
-def torchvision(arch: str = "resnet18", num_classes: int = 10, in_channels: int = 3,
-                image_size: int = 32) -> Classifier:
-    """`arch`: any name of torchvision.models.list_models(); `image_size` is the input's side (the graph is traced
-    at that size, and the first conv takes `in_channels`)."""
+def torchvision(arch: str = "resnet18", num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                arch_args: Optional[dict] = None) -> Classifier:
+    """`arch`: a name of torchvision.models.list_models() (built by its builder) or a model class of
+    torchvision.models (VisionTransformer, SwinTransformer, ...); `arch_args`: keyword arguments for it (a small ViT:
+    {image_size: 32, patch_size: 4, num_layers: 4, num_heads: 4, hidden_dim: 64, mlp_dim: 128}). `image_size` is
+    the input's side (the graph is traced at that size, and the first conv takes `in_channels`)."""
     import torchvision as tv
 
-    if arch not in tv.models.list_models(module=tv.models):
-        close = [name for name in tv.models.list_models(module=tv.models) if name.startswith(arch[:3])][:5]
-        raise ValueError(f"'{arch}' is not a torchvision classification model (e.g. {', '.join(close) or 'resnet18'})")
-    net = tv.models.get_model(arch, weights=None, num_classes=num_classes)
+    names = tv.models.list_models(module=tv.models)
+    classes = [name for name in dir(tv.models) if isinstance(getattr(tv.models, name), type)
+               and issubclass(getattr(tv.models, name), nn.Module)]
+    arch_args = dict(arch_args or {})
+    if arch in names:
+        net = tv.models.get_model(arch, weights=None, num_classes=num_classes, **arch_args)
+    elif arch in classes:
+        net = getattr(tv.models, arch)(num_classes=num_classes, **arch_args)
+    else:
+        close = [name for name in names + classes if name.lower().startswith(arch[:3].lower())][:5]
+        raise ValueError(f"'{arch}' is neither a torchvision classification model nor a model class of "
+                         f"torchvision.models (e.g. {', '.join(close) or 'resnet18, VisionTransformer'})")
     if in_channels != 3:
         _set_input_channels(net, in_channels)
     example = torch.zeros(2, in_channels, image_size, image_size)

@@ -58,5 +58,18 @@ def test_torchvision_definitions_are_zoo_models():
     tests/backend quantize and compile it), with the first conv taking `in_channels`."""
     model = create_model("torchvision", arch="resnet18", num_classes=10, in_channels=1, image_size=16)
     assert sum(p.numel() for p in model.parameters()) == 11_175_370  # torchvision's resnet18, 1-channel stem
-    with pytest.raises(ValueError, match="'resnet81' is not a torchvision classification model"):
+    with pytest.raises(ValueError, match="'resnet81' is neither a torchvision classification model nor a model "
+                                         "class of torchvision.models"):
         create_model("torchvision", arch="resnet81")
+
+
+def test_a_torchvision_model_class_with_its_arguments_is_a_zoo_model():
+    """arch: VisionTransformer + arch_args: a small ViT (what projects/fashion_mnist/vit_small.yaml trains)."""
+    import torchvision
+
+    args = dict(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    model = create_model("torchvision", arch="VisionTransformer", arch_args=args, num_classes=10, in_channels=1,
+                         image_size=16)
+    theirs = torchvision.models.VisionTransformer(num_classes=10, **args)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in theirs.parameters()) - 2 * 16 * 16
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)  # (the 1-channel patch conv: 2 x 16 x 4 x 4 fewer)
