@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import multiprocessing
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def _set_norm_statistics(model: torch.nn.Module, xs: list[torch.Tensor]) -> None
     model.eval()
 
 
-def measure(name: str, max_params_m: float) -> dict:
+def measure(name: str, max_params_m: float, trace: bool = False) -> dict:
     import torchvision
 
     row = {"model": name, "stage": "-", "bit_exact": "-", "cos_qat": None, "cos_quantized": None,
@@ -95,7 +96,7 @@ def measure(name: str, max_params_m: float) -> dict:
         trial = backend.try_pipeline(model, xs)
         row.update(stage=trial.stage, cos_qat=trial.cos_qat, cos_quantized=trial.cos_quantized,
                    bit_exact={None: "-", True: "yes", False: "NO"}[trial.bit_exact], error=trial.error[:160])
-        if trial.exception is not None and "--trace" in sys.argv:
+        if trial.exception is not None and trace:
             traceback.print_exception(trial.exception)
     try:
         run_torch_ao(model, xs, row)
@@ -134,12 +135,19 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
-    for name in names:
-        rows.append(measure(name, args.max_params))
-        r = rows[-1]
-        print(f"{name:24s} {r['stage']:12s} {r['bit_exact']:4s} qat {_fmt(r['cos_qat'])} q {_fmt(r['cos_quantized'])} "
-              f"ao {_fmt(r['cos_torch_ao'])} {r.get('seconds', 0):5.0f}s {r['error'][:100]}", flush=True)
-        gc.collect()
+    # one fresh process per model: 80 models in one process grew past 23 GB and were OOM-killed at the 64th
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for name in names:
+            try:
+                rows.append(pool.submit(measure, name, args.max_params, args.trace).result())
+            except Exception as exc:  # the process died (out of memory): a row that says so
+                rows.append({"model": name, "stage": "-", "bit_exact": "-", "cos_qat": None, "cos_quantized": None,
+                             "cos_torch_ao": None, "error": f"the measuring process died: {type(exc).__name__}"})
+            r = rows[-1]
+            print(f"{name:24s} {r['stage']:12s} {r['bit_exact']:4s} qat {_fmt(r['cos_qat'])} "
+                  f"q {_fmt(r['cos_quantized'])} ao {_fmt(r['cos_torch_ao'])} {r.get('seconds', 0):5.0f}s "
+                  f"{r['error'][:100]}", flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
