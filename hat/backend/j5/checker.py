@@ -18,7 +18,7 @@ from torch import nn
 from hat.integer.kernels import accumulator_bound
 from hat.integer.profile import Profile, get_profile
 from hat.backend.j5.legalize import legalize
-from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
+from hat.backend.j5.program import TENSOR_REF, Node, Program, Value, pair
 from hat.backend.j5.trace import UntraceableError, trace
 from hat.errors import HatError
 
@@ -244,7 +244,7 @@ def _conv_findings(node: Node, program: Program, profile: Profile, consumers: li
 
 
 def _conv_geometry(node: Node, limits, consumers: list[Node], bad: Callable) -> Iterator[Finding]:
-    stride, padding, dilation = (list(_pair(node.params[k])) for k in ("stride", "padding", "dilation"))
+    stride, padding, dilation = (pair(node.params[k]) for k in ("stride", "padding", "dilation"))
     if max(padding) > limits.max_padding:
         yield bad("padding", f"padding {padding}, limit {limits.max_padding}", "pad less (or pad with a separate op)")
     if max(dilation) > limits.max_dilation:
@@ -288,10 +288,6 @@ def _grid_sample_findings(node: Node, program: Program, profile: Profile, consum
     if node.params["mode"] not in limits.modes or node.params["padding_mode"] not in limits.padding_modes:
         yield Finding("grid_sample.mode", m, f"mode {node.params['mode']}/{node.params['padding_mode']}; supported "
                                              f"{limits.modes} / {limits.padding_modes}")
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 _NODE_RULES = {"conv2d": _conv_findings, "linear": _conv_findings, "grid_sample": _grid_sample_findings}

@@ -21,7 +21,7 @@ import torch
 
 from hat.integer.kernels import accumulate_plan, accumulator_bound
 from hat.integer.profile import Profile
-from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
+from hat.backend.j5.program import TENSOR_REF, Node, Program, Value, pair
 
 
 def legalize(program: Program, profile: Profile) -> Program:
@@ -32,10 +32,6 @@ def legalize(program: Program, profile: Profile) -> Program:
     used = {v[TENSOR_REF] for node in out.nodes for v in node.params.values() if isinstance(v, dict) and TENSOR_REF in v}
     out.tensors = {k: t for k, t in out.tensors.items() if k in used or (k in out.values and out.values[k].constant)}
     return out
-
-
-def _pair(v) -> list[int]:
-    return list(v) if isinstance(v, (list, tuple)) else [int(v)] * 2
 
 
 def _add(program: Program, op: str, inputs: list[str], output: str, value: Value, params: dict,
@@ -61,8 +57,8 @@ def _space_to_depth(node: Node, program: Program, profile: Profile) -> Optional[
         return None
     weight = _tensor(program, node.params, "weight")
     kernel, high = list(weight.shape[2:]), profile.conv.kernel_range[1]
-    stride, padding = _pair(node.params["stride"]), _pair(node.params["padding"])
-    if max(kernel) <= high or _pair(node.params["dilation"]) != [1, 1]:
+    stride, padding = pair(node.params["stride"]), pair(node.params["padding"])
+    if max(kernel) <= high or pair(node.params["dilation"]) != [1, 1]:
         return None
     f = next((f for f in range(2, max(kernel) + 1) if all(k % f == 0 for k in kernel)
               and all(s % f == 0 for s in stride) and max(kernel) // f <= high), None)

@@ -63,10 +63,6 @@ class Graph:
         self.op("QuantizeLinear", [x, self.const(self.scale(output)[0]), zero], output)
 
 
-def pair(value) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * 2
-
-
 def float_op(compute: Callable[[Graph, list[str], Node, dict], str]) -> Callable[[Graph, Node, dict], None]:
     """An op computed on the dequantized inputs, its result quantized to the output's grid."""
     def translate(g: Graph, node: Node, params: dict) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from hat.backend.j5.onnx_graph import ONNX_TYPES, Graph, float_op, integer_op, pair
+from hat.backend.j5.onnx_graph import ONNX_TYPES, Graph, float_op, integer_op
 from hat.backend.j5.onnx_grid_ops import GRID_LAYOUTS, GRID_TRANSLATIONS
-from hat.backend.j5.program import Node, Program
+from hat.backend.j5.program import Node, Program, pair
 from hat.errors import OnnxExportError
 from hat.ops.onnx import OPSET
 

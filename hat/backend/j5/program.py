@@ -23,6 +23,11 @@ class ProgramInputError(HatError, ValueError):
     """Input of the wrong count, dtype or shape for an integer program (a ValueError too, for older callers)."""
 
 
+def pair(value: Any) -> list[int]:
+    """A node's size parameter (stride, padding, kernel: one int or one per spatial dim) as [h, w]."""
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * 2
+
+
 @dataclass
 class Value:
     """What flows between nodes: its dtype (float32 at the model boundary, else qint8/qint16/qint32), the

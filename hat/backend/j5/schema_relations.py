@@ -171,8 +171,8 @@ _GRID_RELATIONS = {"layer_norm": _layer_norm, "window_mean": _window_mean, "resi
 def relations(march: str) -> dict[str, Callable[[dict], Optional[str]]]:
     """Per op: a check of its parameters against each other on `march` (a problem text, or None)."""
     p = get_profile(march)
-    return {"conv2d": _weighted(4), "linear": _weighted(2), "sum_partials": _sum_partials, "lookup": _exact_table, "prelu": _prelu,
-            "segment_lookup": _segmented(p), "softmax_lut": _softmax(p), **_GRID_RELATIONS}
+    return {"conv2d": _weighted(4), "linear": _weighted(2), "sum_partials": _sum_partials, "lookup": _exact_table,
+            "prelu": _prelu, "segment_lookup": _segmented(p), "softmax_lut": _softmax(p), **_GRID_RELATIONS}
 
 
 def _grid_sample_inputs(x: torch.Tensor, grid: torch.Tensor) -> Optional[str]:
@@ -212,12 +212,10 @@ def _one_sample(x: torch.Tensor, like: torch.Tensor) -> Optional[str]:
     return None
 
 
-INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {"matmul": _two_activations, "expand_batch": _one_sample,
-                                                         "sum_partials": _partial_sums,
-"grid_sample": _grid_sample_inputs, "lookup": _int8_input,
-                                                         "softmax_lut": _activation_input,
-                                                         "segment_lookup": _activation_input,
-                                                         "prelu": _activation_input}
+INPUT_CHECKS: dict[str, Callable[..., Optional[str]]] = {
+    "matmul": _two_activations, "expand_batch": _one_sample, "sum_partials": _partial_sums,
+    "grid_sample": _grid_sample_inputs, "lookup": _int8_input, "softmax_lut": _activation_input,
+    "segment_lookup": _activation_input, "prelu": _activation_input}
 
 
 INPUT_CHECKS.update({op: _activation_input for op in ("window_mean", "resize_bilinear", "pad", "layer_norm")})
