@@ -40,6 +40,8 @@ class TrainerSchema:
     keep_freed_memory: bool = True  # Linux: reuse freed pages instead of page-faulting them in every step
     sync_bn: bool = False  # under torchrun: batch-norm statistics over every rank's batch (CPU and GPU)
     dist_timeout_s: float = 300.0  # under torchrun: a rank waiting this long for another fails instead of hanging
+    best_metric: Optional[str] = None  # the validation metric best.pt follows; null: the evaluator's main metric
+    best_mode: str = "max"  # max | min: whether a larger or a smaller best_metric is better
 
 
 @dataclasses.dataclass
@@ -78,6 +80,7 @@ class Schema:
     data: DataSchema = dataclasses.field(default_factory=DataSchema)
     optimizer: Any = None
     scheduler: Any = None
+    evaluator: Any = None  # a `type:` mapping (Accuracy, COCOEvaluator, MeanIoU); null: Accuracy (top-1)
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
     quant: QuantSchema = dataclasses.field(default_factory=QuantSchema)
     work_dir: str = "work_dirs/default"
@@ -164,6 +167,8 @@ def _check_ranges(cfg: DictConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}={value} is out of range; it must be >= {low}")
     if cfg.trainer.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"{source}: trainer.on_nonfinite must be stop or skip, got '{cfg.trainer.on_nonfinite}'")
+    if cfg.trainer.best_mode not in ("max", "min"):
+        raise ConfigError(f"{source}: trainer.best_mode must be max or min, got '{cfg.trainer.best_mode}'")
     clip = cfg.trainer.clip_grad_norm
     if clip is not None and clip <= 0:
         raise ConfigError(f"{source}: trainer.clip_grad_norm={clip} must be > 0 (or null for no clipping)")

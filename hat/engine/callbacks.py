@@ -7,12 +7,15 @@ import time
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from hat.checkpoint import save_checkpoint
 from hat.engine import distributed
 from hat.engine.nonfinite import NonFiniteError, non_finite_message, non_finite_weights
 from hat.engine.trainer import Callback, Trainer, evaluate
+from hat.errors import ConfigError
+from hat.evaluation import Evaluator
 
 log = logging.getLogger("hat")
 
@@ -23,8 +26,8 @@ class EvalCallback(Callback):
     `context` wraps each evaluation (the QAT stage freezes observers there)."""
 
     def __init__(self, loader: DataLoader, interval: int = 1,
-                 context: Callable[[], ContextManager] = contextlib.nullcontext):
-        self.loader, self.interval, self.context = loader, interval, context
+                 context: Callable[[], ContextManager] = contextlib.nullcontext, evaluator: Optional[Evaluator] = None):
+        self.loader, self.interval, self.context, self.evaluator = loader, interval, context, evaluator
 
     def before_epoch(self, trainer: Trainer) -> None:
         trainer.metrics = {}  # an epoch without evaluation reports no metrics, never the previous ones
@@ -33,14 +36,16 @@ class EvalCallback(Callback):
         if trainer.epoch % self.interval == 0 or trainer.epoch == trainer.epochs or trainer.should_stop:
             distributed.broadcast_buffers(trainer.bare_model)
             with self.context():  # the bare model: DDP's forward syncs buffers, and shards may differ in batches
-                trainer.metrics = evaluate(trainer.bare_model, self.loader, trainer.device)
+                trainer.metrics = evaluate(trainer.bare_model, self.loader, trainer.device, self.evaluator)
 
 
 class CheckpointCallback(Callback):
-    """Writes `last.pt` every epoch and `best.pt` when `metric` improves (higher is better)."""
+    """Writes `last.pt` every epoch and `best.pt` when `metric` improves (`mode` max: higher is better, min: lower)."""
 
-    def __init__(self, out_dir: str | Path, config_yaml: str, metric: str = "val/top1"):
-        self.out_dir, self.config_yaml, self.metric = Path(out_dir), config_yaml, metric
+    def __init__(self, out_dir: str | Path, config_yaml: str, metric: str = "val/top1", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ConfigError(f"trainer.best_mode must be max or min, got '{mode}'")
+        self.out_dir, self.config_yaml, self.metric, self.mode = Path(out_dir), config_yaml, metric, mode
         self.best: Optional[float] = None
 
     def after_epoch(self, trainer: Trainer) -> None:
@@ -48,12 +53,16 @@ class CheckpointCallback(Callback):
         if broken:  # never replace a good checkpoint with a broken one
             last = self.out_dir / "last.pt"
             kept = (f"{last} keeps the previous epoch" if last.is_file() else
-                    f"no checkpoint of this run exists yet (the weights broke before its first epoch ended)")
+                    "no checkpoint of this run exists yet (the weights broke before its first epoch ended)")
             raise NonFiniteError(f"refusing to write a checkpoint: non-finite values in {', '.join(broken[:5])}; "
                                  f"{kept}. "
                                  + non_finite_message("weights", trainer.epoch - 1, trainer.step - 1).split(". ", 1)[1])
         value = trainer.metrics.get(self.metric)
-        improved = value is not None and (self.best is None or value > self.best)
+        if value is None and trainer.metrics:
+            raise ConfigError(f"trainer.best_metric: '{self.metric}' is not among the validation metrics "
+                              f"({', '.join(trainer.metrics)}); set trainer.best_metric to one of them")
+        better = (lambda a, b: a > b) if self.mode == "max" else (lambda a, b: a < b)
+        improved = value is not None and (self.best is None or better(value, self.best))
         if improved:
             self.best = value
         state = {**trainer.state_dict(), "config": self.config_yaml, "metrics": dict(trainer.metrics),
@@ -64,11 +73,14 @@ class CheckpointCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """Scalars under `log_dir`: train/loss, train/lr, train/grad_norm, train/images_per_sec (all ranks) and eval
-    metrics; `notes` (e.g. how the LR was scaled) as text."""
+    """Scalars under `log_dir`: train/loss (and each term of a loss dict), train/lr, train/grad_norm,
+    train/images_per_sec (all ranks) and eval metrics; `notes` (e.g. how the LR was scaled) as text; after each
+    evaluation the images `preview(trainer)` draws (a detector's boxes, a segmentor's masks) as val/predictions."""
 
-    def __init__(self, log_dir: str | Path, log_interval: int = 10, notes: Optional[dict[str, str]] = None):
+    def __init__(self, log_dir: str | Path, log_interval: int = 10, notes: Optional[dict[str, str]] = None,
+                 preview: Optional[Callable[[Trainer], Optional[torch.Tensor]]] = None):
         self.log_dir, self.log_interval, self.notes = Path(log_dir), max(1, log_interval), dict(notes or {})
+        self.preview = preview
         self.writer = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -88,6 +100,7 @@ class TensorBoardCallback(Callback):
                    "train/images_per_sec": (trainer.images_seen - self.seen) / max(now - self.time, 1e-9)}
         if trainer.grad_norm is not None:
             scalars["train/grad_norm"] = trainer.grad_norm
+        scalars.update({f"train/{name}": value for name, value in trainer.loss_terms.items()})
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, trainer.step)
         self._mark(trainer)
@@ -95,6 +108,9 @@ class TensorBoardCallback(Callback):
     def after_epoch(self, trainer: Trainer) -> None:
         for tag, value in trainer.metrics.items():
             self.writer.add_scalar(tag, value, trainer.step)
+        drawn = self.preview(trainer) if self.preview is not None and trainer.metrics else None
+        if drawn is not None:
+            self.writer.add_images("val/predictions", drawn, trainer.step)
         self.writer.flush()
         self._mark(trainer)  # evaluation time is not training throughput
 

@@ -15,9 +15,11 @@ from torch.utils.data import DataLoader
 
 from hat.data import start_epoch
 from hat.engine import distributed
+from hat.engine.batch import loss_terms, to_device, total_loss
 from hat.engine.nonfinite import NonFiniteError, non_finite_message
 from hat.engine.runtime import rng_state, set_rng_state
 from hat.errors import UsageError
+from hat.evaluation import Accuracy, Evaluator
 
 log = logging.getLogger("hat")
 
@@ -33,10 +35,11 @@ class Callback:
 
 
 class Trainer:
-    """Trains `model` (called as `model(images, targets) -> (loss, logits)`) for `epochs` epochs.
+    """Trains `model` (called as `model(images, targets) -> (loss, outputs)`, the loss a tensor or a dict of named
+    terms that are summed) for `epochs` epochs.
 
-    State callbacks read: `epoch` (epochs finished), `step` (optimizer steps done), `loss` (last step's loss
-    tensor), `grad_norm` (pre-clip total norm at logged or clipped steps, else None), `metrics` (latest eval),
+    State callbacks read: `epoch` (epochs finished), `step` (optimizer steps done), `loss` (last step's total loss
+    tensor), `loss_terms` (its named terms, when the model returns a loss dict), `grad_norm` (pre-clip total norm at logged or clipped steps, else None), `metrics` (latest eval),
     `should_stop` (set it to end after the current epoch).
     """
 
@@ -55,6 +58,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
         self.epoch = self.step = 0
         self.loss: Optional[torch.Tensor] = None
+        self.loss_terms: dict[str, float] = {}
         self.grad_norm: Optional[float] = None
         self.images_seen = 0  # over all ranks
         self.world_size = distributed.world().size
@@ -76,10 +80,9 @@ class Trainer:
 
     def train_epoch(self) -> None:
         batches = len(self.train_loader)
-        group_loss, poisoned = 0.0, None
+        group_loss, group_terms, poisoned = 0.0, {}, None
         for i, (images, targets) in enumerate(self.train_loader):
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            images, targets = to_device((images, targets), self.device)
             group_start = i - i % self.accum_steps
             group = min(self.accum_steps, batches - group_start)  # the last group of an epoch may be short
             last_of_group = i + 1 == group_start + group
@@ -90,24 +93,27 @@ class Trainer:
             else:
                 with self._gradient_sync(last_of_group):
                     with self.autocast():
-                        loss, _ = self.model(images, targets)
+                        terms, _ = self.model(images, targets)
+                        loss = total_loss(terms)
                     bad = distributed.ranks_where(not math.isfinite(loss.item()))
                     if bad:
                         poisoned = poisoned or _on_ranks("loss", bad)
                     else:
                         self.scaler.scale(loss / group if group > 1 else loss).backward()
                         group_loss = group_loss + loss.detach() / group
+                        for name, value in loss_terms(terms).items():
+                            group_terms[name] = group_terms.get(name, 0.0) + value / group
             self.images_seen += len(images) * self.world_size
             if last_of_group:
                 if poisoned is None:
-                    self.loss = group_loss
+                    self.loss, self.loss_terms = group_loss, group_terms
                     poisoned = self.optimizer_step()
                 if poisoned is not None:
                     self._non_finite(poisoned)
                     poisoned = None
                 else:
                     self._call("after_step")
-                group_loss = 0.0
+                group_loss, group_terms = 0.0, {}
 
     def _gradient_sync(self, last_of_group: bool) -> ContextManager:
         """DDP all-reduces gradients once per optimizer step, at the last micro-batch of an accumulation group."""
@@ -204,19 +210,25 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean loss and top-1 accuracy (%) of `model(images, targets) -> (loss, logits)` over `loader`. A loader
-    sharded over ranks (ShardSampler) has its sums all-reduced: every rank returns the whole set's numbers."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+             evaluator: Optional[Evaluator] = None) -> dict[str, float]:
+    """Mean loss and the evaluator's metrics (default: top-1 %) of `model(images, targets) -> (loss, outputs)` over
+    `loader`; the evaluator sees `model.postprocess(outputs)` when the model has one (boxes after NMS, per-pixel
+    classes). A loader sharded over ranks (ShardSampler) has its sums gathered: every rank returns the whole set's
+    numbers."""
+    evaluator = evaluator if evaluator is not None else Accuracy()
+    evaluator.reset()
+    postprocess = getattr(model, "postprocess", None)
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, count = 0.0, 0
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        loss, logits = model(images, targets)
-        loss_sum += float(loss) * len(targets)
-        correct += int((logits.argmax(1) == targets).sum())
-        count += len(targets)
+        images, targets = to_device((images, targets), device)
+        loss, outputs = model(images, targets)
+        loss_sum += float(total_loss(loss)) * len(images)
+        count += len(images)
+        evaluator.update(postprocess(outputs) if postprocess is not None else outputs, targets)
     model.train(was_training)
     if getattr(loader.sampler, "num_replicas", 1) > 1:  # a shard: sum with the other ranks' shards
-        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
-    return {"val/loss": loss_sum / max(1, count), "val/top1": 100.0 * correct / max(1, count)}
+        loss_sum, count = distributed.all_reduce_sum([loss_sum, count])
+    return {"val/loss": loss_sum / max(1, count), **evaluator.compute()}
