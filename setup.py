@@ -66,6 +66,7 @@ setup(
         "scikit-learn>=1.0",
         "tqdm>=4.60",
         "numpy>=1.23",
+        "pycocotools>=2.0",
     ],
     extras_require={"dev": ["pytest>=7", "ninja", "onnx", "onnxscript", "onnxruntime"]},
     **_build_config(),

@@ -34,7 +34,8 @@ def build_loader(dataset: Dataset, data_cfg: DictConfig, train: bool, seed: int,
         sampler = ShardSampler(dataset, num_replicas, rank, seed)
     batch_size = data_cfg.batch_size if train else (data_cfg.val_batch_size or data_cfg.batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
-                      drop_last=False, generator=torch.Generator().manual_seed(seed))
+                      drop_last=False, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=getattr(dataset, "collate_fn", None))
 
 
 class ShardSampler(Sampler[int]):
