@@ -31,10 +31,13 @@ def export_to_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, Sequenc
     inputs = _as_tuple(example_inputs)
     batch = torch.export.Dim("batch", min=1)
     with frozen_for_export(model), _quiet():
+        with torch.no_grad():
+            result = model(*inputs)
+        names = list(result) if isinstance(result, dict) else None  # a dict's keys name the ONNX outputs, in order
         try:
             program = torch.onnx.export(model, inputs, dynamo=True, custom_translation_table=onnx_translations(),
                                         opset_version=OPSET, dynamic_shapes=tuple({0: batch} for _ in inputs),
-                                        verbose=False)
+                                        output_names=names, verbose=False)
         except Exception as exc:  # torch.export's many error types: all mean the forward could not be traced
             reason = " ".join(str(exc).split())[:400]
             raise OnnxExportError(f"{type(model).__name__} could not be exported to ONNX: {reason}. The forward must "

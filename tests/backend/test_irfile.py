@@ -79,6 +79,8 @@ def _first_conv(h):
     (lambda h: next(iter(h["tensors"].values())).update(shape=[999]), "does not match its"),
     (lambda h: next(iter(h["tensors"].values())).update(dtype="complex64"), "unknown dtype"),
     (lambda h: h.update(outputs=[]), "outputs"),
+    (lambda h: h.update(output_names=["a", "b"]), "must name each of the 1 outputs once"),
+    (lambda h: h.update(output_names=[3]), "an entry of 'output_names'"),
     (lambda h: h.pop("nodes"), "invalid header"),
 ])
 def test_inconsistent_headers_are_refused(program, tmp_path, edit, message):
@@ -183,3 +185,31 @@ def test_program_input_error_is_a_hat_error_and_a_value_error():
     from hat.errors import HatError
 
     assert issubclass(ProgramInputError, HatError) and issubclass(ProgramInputError, ValueError)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A deploy model returning a dict: the program keeps the names and their order."""
+
+    def __init__(self):
+        super().__init__()
+        from hat.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.score, self.box = torch.nn.Conv2d(4, 2, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(self.quant(x)))
+        return {"score": self.dequant(self.score(y)), "box": self.dequant(self.box(y))}
+
+
+def test_a_dict_output_model_compiles_to_named_outputs_that_survive_the_file(tmp_path):
+    from tests.backend.conftest import calibrate_and_convert
+
+    torch.manual_seed(0)
+    qmodel = calibrate_and_convert(_TwoHeads(), [torch.randn(4, 1, 6, 6)])
+    x = torch.randn(3, 1, 6, 6)
+    loaded = backend.load(backend.compile(qmodel, example_inputs=(x,)).save(tmp_path / "two.hir"))
+    assert loaded.output_names == ["score", "box"]
+    got, expected = loaded.run(x), qmodel(x)
+    assert list(got) == ["score", "box"] and all(torch.equal(got[k], expected[k]) for k in expected)

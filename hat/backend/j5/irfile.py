@@ -12,6 +12,7 @@ Layout (all integers little-endian):
     24+H    ...   payload: the tensors' raw little-endian bytes, each at its header offset
 
 Header: {"format": "hat.j5.program", "march", "hat_version", "inputs": [value names], "outputs": [value names],
+"output_names": [the model's names of the outputs, in order; empty when it returned a tensor or a tuple],
 "values": {name: {"dtype", "shape", "scale", "axis", "constant"}}, "nodes": [{"op", "inputs", "output", "params",
 "module"}], "tensors": {name: {"dtype", "shape", "offset", "nbytes"}}}. A node runs kernels.KERNELS[op] on its
 inputs with `params` as keywords; a parameter {"$tensor": name} is the tensor `name`. Values are listed in the
@@ -80,7 +81,7 @@ def save(program: Program, path: Union[str, os.PathLike]) -> Path:
                        "nbytes": len(data)}
         payload += data
     header = {"format": FORMAT_NAME, "march": program.march, "hat_version": __version__,
-              "inputs": program.inputs, "outputs": program.outputs,
+              "inputs": program.inputs, "outputs": program.outputs, "output_names": program.output_names,
               "values": {k: vars(v) for k, v in program.values.items()},
               "nodes": [{k: v for k, v in vars(n).items() if not k.startswith("_")} for n in program.nodes],
               "tensors": table}
@@ -165,7 +166,11 @@ def _program(header: dict, payload: bytes) -> Program:
             _check_constant(name, value, tensors)
     nodes = [_node(i, record) for i, record in enumerate(_field(header, "nodes", list, "the header"))]
     inputs, outputs = (_names(header, key) for key in ("inputs", "outputs"))
-    program = Program(march, inputs, outputs, values, nodes, tensors)
+    output_names = _names(header, "output_names") if "output_names" in header else []
+    if output_names and (len(output_names) != len(outputs) or len(set(output_names)) != len(output_names)):
+        raise IRFileError(f"output_names {_show(output_names)} must name each of the {len(outputs)} outputs once; "
+                          f"{_RECOMPILE}")
+    program = Program(march, inputs, outputs, values, nodes, tensors, output_names)
     _check_graph(program)
     _check_limits(program, profile)
     _dry_run(program)

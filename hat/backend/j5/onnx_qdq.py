@@ -31,8 +31,12 @@ def program_to_onnx(program: Program, model: nn.Module):
             raise OnnxExportError(f"module '{node.module}': op '{node.op}' has no ONNX QDQ form here (supported: "
                                   f"{', '.join(sorted(_TRANSLATIONS))}); export the QAT model with export_to_onnx")
         translate(graph, node, params)
-    inputs, outputs = ([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *program.values[n].shape[1:]])
-                        for n in names] for names in (program.inputs, program.outputs))
+    for value, name in zip(program.outputs, program.output_names):  # the model's output names, when it had some
+        graph.nodes.append(helper.make_node("Identity", [value], [name]))
+    shape = {**{n: program.values[n].shape for n in program.inputs + program.outputs},
+             **{name: program.values[v].shape for v, name in zip(program.outputs, program.output_names)}}
+    inputs, outputs = ([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *shape[n][1:]]) for n in names]
+                       for names in (program.inputs, program.output_names or program.outputs))
     onnx_graph = helper.make_graph(graph.nodes, "hat_quantized", inputs, outputs, graph.initializers)
     proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hat")
     onnx.checker.check_model(proto, full_check=True)

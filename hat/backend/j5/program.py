@@ -57,14 +57,18 @@ class Program:
     values: dict[str, Value]
     nodes: list[Node]
     tensors: dict[str, torch.Tensor]
+    output_names: list[str] = field(default_factory=list)  # the model's names when it returned a dict, in order
     _resolved: Optional[list[dict[str, Any]]] = field(default=None, init=False, repr=False, compare=False)
 
-    def run(self, *inputs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Float inputs (shapes as compiled, any batch) -> float outputs, bit-exact with the quantized model."""
+    def run(self, *inputs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """Float inputs (shapes as compiled, any batch) -> float outputs, bit-exact with the quantized model and in
+        its form: a dict with the model's output names when the model returned one, else a tensor or a tuple."""
         env = self._bind(inputs)
         for node, params in zip(self.nodes, self._resolved_params()):
             env[node.output] = KERNELS[node.op](*(env[name] for name in node.inputs), **params)
         outputs = tuple(env[name] for name in self.outputs)
+        if self.output_names:
+            return dict(zip(self.output_names, outputs))
         return outputs[0] if len(outputs) == 1 else outputs
 
     __call__ = run

@@ -113,6 +113,11 @@ class Tracer:
         if not leaves:
             raise UntraceableError(f"the model returned {type(result).__name__}, no tensor: an empty model (FAQ 2.4 "
                                    f"Q7). forward must return its result on every path (check `return` and if/else)")
+        if isinstance(result, dict):
+            if not all(isinstance(key, str) for key in result) or len(leaves) != len(result):
+                raise UntraceableError("a model returning a dict must map string names to one tensor each (the "
+                                       "program keeps the names)")
+            self.program.output_names = list(result)
         for i, x in enumerate(leaves):
             name = self.ids.get(id(x))
             if isinstance(x, QTensor):
