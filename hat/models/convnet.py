@@ -34,3 +34,40 @@ def convnet_base(num_classes: int = 10, in_channels: int = 1) -> Classifier:
     """6 conv layers, 32-128 channels (~0.3M parameters): Fashion-MNIST at 28x28."""
     backbone = ConvNet(in_channels, (32, 32, 64, 64, 128, 128), (1, 1, 2, 1, 2, 1))
     return Classifier(backbone, ClsHead(backbone.out_channels, num_classes, dropout=0.1))
+
+
+@register(kind="backbone")
+class PyramidConvNet(nn.Module):
+    """Stages of ConvBNAct (the first of each with the stage's stride, then `depth - 1` at stride 1); returns the
+    features of the stages in `out_indices`, finest first, for a detection neck or a segmentation decoder."""
+
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (16, 32, 48, 64),
+                 strides: Sequence[int] = (2, 2, 2, 2), depths: Sequence[int] = (2, 2, 2, 2),
+                 out_indices: Sequence[int] = (1, 2, 3)):
+        super().__init__()
+        if not len(widths) == len(strides) == len(depths):
+            raise ValueError(f"PyramidConvNet: widths {list(widths)}, strides {list(strides)} and depths "
+                             f"{list(depths)} must have the same length")
+        if not out_indices or any(not 0 <= i < len(widths) for i in out_indices) or list(out_indices) != sorted(
+                set(out_indices)):
+            raise ValueError(f"PyramidConvNet: out_indices {list(out_indices)} must be increasing stage indices "
+                             f"below {len(widths)}")
+        chans = [in_channels, *widths]
+        self.stages = nn.ModuleList(
+            nn.Sequential(ConvBNAct(chans[i], chans[i + 1], 3, s),
+                          *(ConvBNAct(chans[i + 1], chans[i + 1], 3, 1) for _ in range(d - 1)))
+            for i, (s, d) in enumerate(zip(strides, depths)))
+        self.out_indices = list(out_indices)
+        self.out_channels = [widths[i] for i in out_indices]
+        total = [1]
+        for s in strides:
+            total.append(total[-1] * s)
+        self.strides = [total[i + 1] for i in out_indices]  # of each returned feature, relative to the input
+
+    def forward(self, x):
+        features = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                features.append(x)
+        return features
