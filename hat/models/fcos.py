@@ -1,5 +1,9 @@
-"""An FCOS-style anchor-free detection head: a shared conv tower per branch, per-location class logits, box
-distances (l, t, r, b) and centerness at every pyramid level.
+"""An FCOS-style anchor-free detection head: per-location class logits, box distances (l, t, r, b) and centerness
+at every pyramid level, from output convs shared by the levels.
+
+The conv towers before them are one per level: a tower shared by the levels would share its batch norms, whose
+running statistics then average levels with different statistics, and the evaluated (and deployed) model would no
+longer match the trained one (FCOS's GroupNorm avoids this but is not an integer op here).
 
 The head's convs are the deploy part; the final convs are meant as int32 outputs (`quant.high_precision_outputs`).
 Everything nonlinear after them — exp of the distances, sigmoids, decoding, NMS — runs in float in `postprocess`,
@@ -20,7 +24,10 @@ from hat.models.fcos_targets import fcos_targets, level_points
 from hat.models.layers import ConvBNAct
 from hat.registry import register
 
-BRANCHES = ("cls", "box", "ctr")
+
+
+def _tower(channels: int, depth: int) -> nn.Sequential:
+    return nn.Sequential(*(ConvBNAct(channels, channels, 3) for _ in range(depth)))
 
 
 @register(kind="head")
@@ -40,8 +47,8 @@ class FCOSHead(nn.Module):
         self.ranges = list(zip([0.0, *bounds], [*bounds, math.inf]))
         self.center_radius, self.score_threshold, self.nms_iou = center_radius, score_threshold, nms_iou
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
-        self.cls_tower = nn.Sequential(*(ConvBNAct(in_channels, in_channels, 3) for _ in range(tower_depth)))
-        self.box_tower = nn.Sequential(*(ConvBNAct(in_channels, in_channels, 3) for _ in range(tower_depth)))
+        self.cls_towers = nn.ModuleList(_tower(in_channels, tower_depth) for _ in strides)
+        self.box_towers = nn.ModuleList(_tower(in_channels, tower_depth) for _ in strides)
         self.cls_out = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.box_out = nn.Conv2d(in_channels, 4, 3, padding=1)
         self.ctr_out = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -51,8 +58,8 @@ class FCOSHead(nn.Module):
         if len(features) != len(self.strides):
             raise ValueError(f"FCOSHead was built for {len(self.strides)} levels (strides), got {len(features)}")
         outputs = {}
-        for stride, feature in zip(self.strides, features):
-            cls_feature, box_feature = self.cls_tower(feature), self.box_tower(feature)
+        for stride, feature, cls_tower, box_tower in zip(self.strides, features, self.cls_towers, self.box_towers):
+            cls_feature, box_feature = cls_tower(feature), box_tower(feature)
             outputs[f"cls_s{stride}"] = self.cls_out(cls_feature)
             outputs[f"box_s{stride}"] = self.box_out(box_feature)
             outputs[f"ctr_s{stride}"] = self.ctr_out(box_feature)
