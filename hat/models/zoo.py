@@ -9,7 +9,7 @@ from torch import nn
 
 from hat.checkpoint import load_pretrained
 from hat.models.zoo_index import pretrained_path, read_index
-from hat.registry import get, list_registered
+from hat.registry import build, get, list_registered
 
 log = logging.getLogger("hat")
 
@@ -24,9 +24,8 @@ def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
     override it). `pretrained`: a checkpoint path, `zoo:NAME`, or True for the zoo entry `name` (sha256-verified);
     matching weights are loaded and what did not match is reported."""
     index = {} if name in list_registered("model") else read_index()
-    if name in index:
-        config = {**index[name]["model"], **kwargs}
-        model = get(config.pop("type"), kind="model", where=f"zoo entry '{name}' model.type")(**config)
+    if name in index:  # a zoo model's arguments, or a structure (Detector, ...) built from its parts
+        model = build({**index[name]["model"], **kwargs}, f"zoo entry '{name}' model", kind=("model", "structure"))
     else:
         model = get(name, kind="model", where="model.type")(**kwargs)
     path = pretrained_path(pretrained, name)

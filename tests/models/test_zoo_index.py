@@ -36,6 +36,21 @@ def test_register_then_create_model_by_name_loads_the_weights(project, capsys):
     assert zoo_main(["list"]) == 0 and "digits_convnet_small         convnet_small" in capsys.readouterr().out
 
 
+def test_a_detector_structure_registers_and_rebuilds_from_its_parts(tmp_path, monkeypatch, capsys):
+    from hat.config import load_config
+    from hat.engine.stages import build_model
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("HAT_HOME", str(tmp_path / "hat_home"))
+    config = ROOT / "projects" / "detection" / "fcos_digits.yaml"
+    trained = build_model(load_config(config))
+    save_checkpoint({"model": trained.state_dict(), "metrics": {"val/mAP": 60.0}}, tmp_path / "float" / "best.pt")
+    assert zoo_main(["register", "--config", str(config), "--name", "fcos_digits", f"work_dir={tmp_path}"]) == 0
+    model = create_model("fcos_digits", pretrained=True)
+    assert type(model).__name__ == "Detector"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
 def test_a_damaged_zoo_file_is_refused(project):
     work_dir, _ = project
     zoo_main(["register", "--config", str(DIGITS), f"work_dir={work_dir}", "--name", "digits"])
