@@ -167,42 +167,47 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("predict.py", "Evaluate a stage's checkpoint on the config's validation data.")
     parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt; for int_infer the "
                                        "integer program, work_dir/int_infer/model.hir)")
+    parser.add_argument("--draw", type=int, default=0, metavar="N",
+                        help="also draw the predictions (boxes, masks) on the first N validation images into "
+                             "work_dir/<stage>/predictions/")
     args = parser.parse_intermixed_args(argv)
+    from hat import backend
     from hat.checkpoint import load_checkpoint, load_weights
     from hat.config import stage_config
     from hat.data import build_dataset, build_loader
-    from hat.engine.runtime import select_device
+    from hat.engine.int_infer import PROGRAM_FILE, evaluate_program, structure_postprocess
+    from hat.engine.preview import draw_to_folder
     from hat.engine.quant_stages import load_quantized_weights, prepared_model
-    from hat.engine.stages import build_model
+    from hat.engine.runtime import select_device
+    from hat.engine.stages import build_evaluator, build_model
     from hat.engine.trainer import evaluate
 
     cfg = _load(args)
     cfg = stage_config(cfg, cfg.stage)
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
-    if cfg.stage == "int_infer":
-        return _predict_program(cfg, args.ckpt, loader)
-    path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
-    quantized = cfg.stage in ("calibration", "qat")
-    model = prepared_model(cfg) if quantized else build_model(cfg)
-    if quantized:
-        load_quantized_weights(model, cfg, path, "evaluate it with the config it was trained with")
+    postprocess = structure_postprocess(cfg)
+    if cfg.stage == "int_infer":  # the integer program file
+        path = Path(args.ckpt or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
+        run = backend.load(path)
+        metrics = {k: v for k, v in evaluate_program(run, loader, build_evaluator(cfg), postprocess).items()
+                   if "/" in k}
     else:
-        load_weights(model, load_checkpoint(path, required=("model",))["model"], path,
-                     f"evaluate it with the config that trained it (model.type '{cfg.model.type}' here)")
-    device = select_device(cfg.trainer.device)
-    metrics = evaluate(model.to(device), loader, device)
+        path = Path(args.ckpt or Path(cfg.work_dir) / cfg.stage / "best.pt")
+        quantized = cfg.stage in ("calibration", "qat")
+        run = prepared_model(cfg) if quantized else build_model(cfg)
+        if quantized:
+            load_quantized_weights(run, cfg, path, "evaluate it with the config it was trained with")
+        else:
+            load_weights(run, load_checkpoint(path, required=("model",))["model"], path,
+                         f"evaluate it with the config that trained it (model.type '{cfg.model.type}' here)")
+        device = select_device(cfg.trainer.device)
+        metrics = evaluate(run.to(device), loader, device, build_evaluator(cfg))
+        run = run.cpu().eval()
     print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return 0
-
-
-def _predict_program(cfg, path: Optional[str], loader) -> int:
-    """predict.py --stage int_infer: the integer program file (default work_dir/int_infer/model.hir)."""
-    from hat import backend
-    from hat.engine.int_infer import PROGRAM_FILE, evaluate_program
-
-    path = Path(path or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
-    metrics = evaluate_program(backend.load(path), loader)
-    print(f"int_infer {path}: val/top1 {metrics['val/top1']:.4f}")
+    if args.draw > 0:
+        folder = Path(cfg.work_dir) / cfg.stage / "predictions"
+        written = draw_to_folder(run, postprocess, loader, args.draw, folder)
+        print(f"{len(written)} images with their predictions written to {folder}")
     return 0
 
 

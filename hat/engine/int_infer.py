@@ -1,26 +1,30 @@
 """The int_infer stage: QAT checkpoint -> convert -> check_model -> compile -> evaluate the integer program.
 
 It writes `work_dir/int_infer/` with the program (model.hir), the deployability report (check_report.txt) and the
-accuracy table (summary.md), and prints the table: float / calibration / QAT / quantized / integer program, the
-QAT-vs-integer top-1 agreement, and the number of elements where the program and the quantized model differ
-(0: bit-exact).
+accuracy table (summary.md), and prints the table: the evaluator's metrics (top-1, mAP, mIoU) of float /
+calibration / QAT / quantized / integer program, the number of output elements where the program and the quantized
+model differ (0: bit-exact) and, for classifiers, the QAT-vs-integer top-1 agreement.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from hat import backend
 from hat.backend.j5.checker import ModelCheckError, Report, export_requested
 from hat.data import build_dataset, build_loader
 from hat.engine.quant_stages import calibrate, load_quantized_weights, prepared_model, previous_weights
+from hat.engine.stages import build_evaluator, build_model
+from hat.evaluation import Accuracy, Evaluator
 from hat.errors import ConfigError
 from hat.quant import convert
 from hat.registry import register
@@ -32,6 +36,11 @@ PROGRAM_FILE = "model.hir"
 def deploy_part(model: nn.Module) -> nn.Module:
     """The inference part of a model (Classifier.deploy_model()), or the model itself."""
     return model.deploy_model() if hasattr(model, "deploy_model") else model
+
+
+def structure_postprocess(cfg: DictConfig) -> Optional[Callable]:
+    """The config's structure's `postprocess` (decoding + NMS, per-pixel argmax), or None (classifiers)."""
+    return getattr(build_model(cfg), "postprocess", None)
 
 
 def quantized_models(cfg: DictConfig, checkpoint: Path) -> tuple[nn.Module, nn.Module]:
@@ -84,53 +93,74 @@ def check_and_compile(qmodel: nn.Module, example: torch.Tensor, march: str, out_
 
 
 @torch.no_grad()
-def evaluate_program(program: backend.Program, loader, qat_model: Optional[nn.Module] = None,
+def evaluate_program(program: backend.Program, loader, evaluator: Optional[Evaluator] = None,
+                     postprocess: Optional[Callable] = None, qat_model: Optional[nn.Module] = None,
                      qmodel: Optional[nn.Module] = None) -> dict[str, float]:
-    """Top-1 of the integer program on `loader`; with the QAT and quantized models also their top-1, the
-    QAT-vs-program top-1 agreement (%) and the count of output elements where program != quantized model."""
-    correct = {"program": 0, "qat": 0, "quantized": 0}
+    """The evaluator's metrics (default top-1) of the integer program on `loader`, its outputs post-processed by
+    `postprocess` (the structure's: decoding + NMS for a detector) like the models' are. With the QAT and quantized
+    models: their metrics too (keys suffixed `_qat`, `_quantized`), the count of output elements where program and
+    quantized model differ (all outputs; 0 is bit-exact) and, for class scores, the QAT-vs-program top-1 agreement."""
+    runs = {"": program, "_qat": qat_model, "_quantized": qmodel}
+    runs = {suffix: run for suffix, run in runs.items() if run is not None}
+    evaluators = {suffix: copy.deepcopy(evaluator) if evaluator is not None else Accuracy() for suffix in runs}
+    for e in evaluators.values():
+        e.reset()
+    finish = postprocess or (lambda outputs: outputs)
     agree = mismatches = count = 0
     seconds = 0.0
     for images, targets in loader:
-        start = time.perf_counter()
-        logits = program.run(images)
-        seconds += time.perf_counter() - start
-        predicted = logits.argmax(1)
-        correct["program"] += int((predicted == targets).sum())
-        if qat_model is not None:
-            qat_predicted = qat_model(images).argmax(1)
-            correct["qat"] += int((qat_predicted == targets).sum())
-            agree += int((qat_predicted == predicted).sum())
+        outputs = {}
+        for suffix, run in runs.items():
+            start = time.perf_counter()
+            outputs[suffix] = run(images)
+            if suffix == "":
+                seconds += time.perf_counter() - start
+            evaluators[suffix].update(finish(outputs[suffix]), targets)
         if qmodel is not None:
-            expected = qmodel(images)
-            correct["quantized"] += int((expected.argmax(1) == targets).sum())
-            mismatches += int((expected != logits).sum())
-        count += len(targets)
-    count = max(count, 1)
-    metrics = {"val/top1": 100.0 * correct["program"] / count, "program_seconds": seconds}
-    if qat_model is not None:
-        metrics.update({"val/top1_qat": 100.0 * correct["qat"] / count, "val/agreement_qat_int": 100.0 * agree / count})
+            mismatches += sum(int((a != b).sum()) for a, b in zip(tree_leaves(outputs["_quantized"]),
+                                                                   tree_leaves(outputs[""])))
+        if qat_model is not None and _class_scores(outputs[""]):
+            agree += int((outputs["_qat"].argmax(1) == outputs[""].argmax(1)).sum())
+        count += len(images)
+    metrics: dict[str, float] = {}
+    for suffix, e in evaluators.items():
+        metrics.update({f"{key}{suffix}": value for key, value in e.compute().items()})
+    metrics["program_seconds"] = seconds
+    if qat_model is not None and count and _class_scores(outputs[""]):
+        metrics["val/agreement_qat_int"] = 100.0 * agree / count
     if qmodel is not None:
-        metrics.update({"val/top1_quantized": 100.0 * correct["quantized"] / count,
-                        "val/bit_exact_mismatches": float(mismatches)})
+        metrics["val/bit_exact_mismatches"] = float(mismatches)
     return metrics
 
 
-def accuracy_table(work_dir: Path, metrics: dict[str, float]) -> str:
-    """The stage-by-stage top-1 table (markdown); earlier stages' numbers come from their metrics.json."""
-    def earlier(stage: str) -> str:
+def _class_scores(outputs: Any) -> bool:
+    """Whether outputs are one [N, classes] tensor, whose argmax is a predicted class."""
+    return isinstance(outputs, torch.Tensor) and outputs.dim() == 2
+
+
+def accuracy_table(work_dir: Path, metrics: dict[str, float], keys: Sequence[str] = ("val/top1",)) -> str:
+    """The stage-by-stage table of the evaluator's metrics `keys` (markdown); earlier stages' numbers come from
+    their metrics.json."""
+    def earlier(stage: str) -> list[Optional[float]]:
         path = work_dir / stage / "metrics.json"
-        value = json.loads(path.read_text()).get("val/top1") if path.is_file() else None
-        return f"{value:.2f}" if value is not None else "-"
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        return [found.get(key) for key in keys]
+
+    def cells(values: Sequence[Optional[float]]) -> str:
+        return " | ".join("-" if v is None else f"{v:.2f}" for v in values)
 
     rows = [("float", earlier("float")), ("calibration", earlier("calibration")),
-            ("QAT (fake quant)", f"{metrics['val/top1_qat']:.2f}"),
-            ("quantized model", f"{metrics['val/top1_quantized']:.2f}"),
-            ("integer program", f"{metrics['val/top1']:.2f}")]
-    lines = ["| model | top-1 % |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
-    lines.append(f"\nQAT vs integer program top-1 agreement: {metrics['val/agreement_qat_int']:.2f}%; program vs "
-                 f"quantized model: {int(metrics['val/bit_exact_mismatches'])} differing output elements "
-                 f"({'bit-exact' if metrics['val/bit_exact_mismatches'] == 0 else 'NOT bit-exact'})")
+            ("QAT (fake quant)", [metrics.get(f"{key}_qat") for key in keys]),
+            ("quantized model", [metrics.get(f"{key}_quantized") for key in keys]),
+            ("integer program", [metrics.get(key) for key in keys])]
+    names = " | ".join(f"{key.split('/')[-1]}{' %' if key != 'val/loss' else ''}" for key in keys)
+    lines = [f"| model | {names} |", "|---" * (len(keys) + 1) + "|", *(f"| {name} | {cells(values)} |"
+                                                                       for name, values in rows)]
+    mismatches = int(metrics["val/bit_exact_mismatches"])
+    agreement = (f"QAT vs integer program top-1 agreement: {metrics['val/agreement_qat_int']:.2f}%; "
+                 if "val/agreement_qat_int" in metrics else "")
+    lines.append(f"\n{agreement}program vs quantized model: {mismatches} differing output elements "
+                 f"({'bit-exact' if mismatches == 0 else 'NOT bit-exact'})")
     return "\n".join(lines)
 
 
@@ -144,8 +174,11 @@ def int_infer_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> di
     example = next(iter(loader))[0]
     report = check_and_compile(qmodel, example, cfg.quant.march, out_dir, cfg.quant.export_on_check_failure)
     program = backend.load(out_dir / PROGRAM_FILE)  # evaluate what was written, not what is in memory
-    metrics = evaluate_program(program, loader, qat_model, qmodel)
-    table = accuracy_table(Path(cfg.work_dir), metrics)
+    evaluator = build_evaluator(cfg)
+    metrics = evaluate_program(program, loader, evaluator, structure_postprocess(cfg), qat_model, qmodel)
+    keys = [key for key in metrics if "/" in key and not key.endswith(("_qat", "_quantized"))
+            and key not in ("val/agreement_qat_int", "val/bit_exact_mismatches")]
+    table = accuracy_table(Path(cfg.work_dir), metrics, keys)
     (out_dir / "summary.md").write_text(f"# {cfg.model.type} on {cfg.data.val.type}\n\n{table}\n\n{report}\n")
     print(table)
     return metrics

@@ -14,7 +14,7 @@ from hat.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
-from hat.engine.stages import RECIPE_KEYS, build_model, build_trainer, config_differences, resume_trainer
+from hat.engine.stages import RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences, resume_trainer
 from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
 from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,
@@ -124,7 +124,7 @@ def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> 
         raise ConfigError(f"calibration saw no data: data.train ({cfg.data.train.type}) is empty")
     val_loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed,
                               num_replicas=w.size, rank=w.rank)
-    metrics = evaluate(model, val_loader, device)
+    metrics = evaluate(model, val_loader, device, build_evaluator(cfg))
     log.info("calibrated on %d batches of %d images x %d processes from %s", seen, cfg.data.batch_size, w.size,
              source)
     if w.is_main:

@@ -21,12 +21,15 @@ from hat.checkpoint import load_checkpoint, load_pretrained
 from hat.config import STAGE_ORDER, save_config, stage_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
+from hat.engine.batch import to_device
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
+from hat.engine.preview import preview
 from hat.engine.runtime import keep_freed_memory, seed_everything
 from hat.engine.workdir import claimed_stage_folder
 from hat.engine.optim import build_optimizer
 from hat.engine.trainer import Callback, Trainer
 from hat.errors import CheckpointError, ConfigError
+from hat.evaluation import Accuracy, Evaluator
 from hat.fileio import atomic_write
 from hat.models.zoo import report_pretrained
 from hat.models.zoo_index import pretrained_path
@@ -36,6 +39,7 @@ log = logging.getLogger("hat")
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "rng")
 
 
+PREVIEW_IMAGES = 4  # validation images drawn with their predictions in TensorBoard (detectors, segmentors)
 SINGLE_PROCESS_STAGES = ("int_infer",)  # under torchrun, rank 0 runs them and the other ranks return
 
 
@@ -95,10 +99,15 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
         check_model_fits_data(cfg, model, val_loader, device)
     optimizer, lr_line = build_optimizer(cfg, model.parameters(), w.size, len(train_loader.sampler))
     _report_lr(cfg, optimizer.param_groups[0]["lr"], lr_line)
-    callbacks: list[Callback] = [EvalCallback(val_loader, t.eval_interval, eval_context)]
+    evaluator = build_evaluator(cfg)
+    callbacks: list[Callback] = [EvalCallback(val_loader, t.eval_interval, eval_context, evaluator)]
     if w.is_main:
-        callbacks += [CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg)),
-                      TensorBoardCallback(out_dir / "tb", t.log_interval, {"lr": lr_line}),
+        shown = next(iter(val_loader))[0][:PREVIEW_IMAGES]
+        names = getattr(val_loader.dataset, "class_names", None)
+        callbacks += [CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg), t.best_metric or evaluator.main_metric,
+                                         t.best_mode),
+                      TensorBoardCallback(out_dir / "tb", t.log_interval, {"lr": lr_line},
+                                          lambda trainer: preview(trainer.bare_model, shown, names, eval_context)),
                       ProgressCallback(t.progress_bar)]
     model = distributed.wrap_model(model, device, t.sync_bn)
     trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,
@@ -107,6 +116,13 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
         trainer.scheduler = build(cfg.scheduler, "scheduler", kind="scheduler", optimizer=optimizer,
                                   epochs=t.epochs, steps_per_epoch=trainer.steps_per_epoch)
     return trainer
+
+
+def build_evaluator(cfg: DictConfig) -> Evaluator:
+    """The `evaluator:` of the config (COCOEvaluator, MeanIoU, ...); top-1 accuracy when it names none."""
+    if cfg.get("evaluator") is None:
+        return Accuracy()
+    return build(cfg.evaluator, "evaluator", kind="evaluator")
 
 
 def _report_lr(cfg: DictConfig, lr: float, line: str) -> None:
@@ -125,12 +141,12 @@ def _report_lr(cfg: DictConfig, lr: float, line: str) -> None:
 
 def check_model_fits_data(cfg: DictConfig, model: nn.Module, loader: DataLoader, device: torch.device) -> None:
     """One validation batch through the model, so a class-count or channel mismatch is a config error up front."""
-    images, targets = next(iter(loader))
+    images, targets = to_device(next(iter(loader)), device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(images.to(device), targets.to(device))
+            model(images, targets)
     except (RuntimeError, IndexError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"model '{cfg.model.type}' does not fit data '{cfg.data.val.type}' (images "
