@@ -31,7 +31,8 @@ class Entry:
 
 _ENTRIES: dict[str, Entry] = {}
 # Everything a config can name is registered by importing these (once, at the first lookup).
-REGISTRANTS = ("hat.data", "hat.evaluation", "hat.models", "hat.engine.int_infer", "hat.engine.optim", "hat.engine.quant_stages",
+REGISTRANTS = ("hat.data", "hat.evaluation", "hat.models", "hat.engine.int_infer", "hat.engine.optim",
+               "hat.engine.quant_stages",
                "hat.engine.stages")
 
 

@@ -14,7 +14,8 @@ from hat.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
-from hat.engine.stages import RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences, resume_trainer
+from hat.engine.stages import (RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences,
+                               resume_trainer)
 from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
 from hat.quant import (freeze_bn, get_default_qat_out_qconfig, get_default_qat_qconfig, prepare_qat,

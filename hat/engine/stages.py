@@ -151,7 +151,8 @@ def check_model_fits_data(cfg: DictConfig, model: nn.Module, loader: DataLoader,
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"model '{cfg.model.type}' does not fit data '{cfg.data.val.type}' (images "
                           f"{tuple(images.shape[1:])}, {getattr(loader.dataset, 'num_classes', '?')} classes): "
-                          f"{reason}. Check model.num_classes and model.in_channels") from None
+                          f"{reason}. Check the model's num_classes (model.num_classes, or model.head.num_classes "
+                          f"of a structure) and in_channels") from None
     finally:
         model.train(was_training)
 

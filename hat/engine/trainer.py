@@ -39,8 +39,9 @@ class Trainer:
     terms that are summed) for `epochs` epochs.
 
     State callbacks read: `epoch` (epochs finished), `step` (optimizer steps done), `loss` (last step's total loss
-    tensor), `loss_terms` (its named terms, when the model returns a loss dict), `grad_norm` (pre-clip total norm at logged or clipped steps, else None), `metrics` (latest eval),
-    `should_stop` (set it to end after the current epoch).
+    tensor), `loss_terms` (its named terms, when the model returns a loss dict), `grad_norm` (pre-clip total norm at
+    logged or clipped steps, else None), `metrics` (latest eval), `should_stop` (set it to end after the current
+    epoch).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader: DataLoader, epochs: int,
