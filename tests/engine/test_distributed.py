@@ -211,3 +211,26 @@ def test_int_infer_runs_on_rank_0_alone(digits_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
     assert run_stage(digits_cfg("stage=int_infer")) == {}
     assert not (tmp_path / "int_infer").exists()
+
+
+def test_a_detector_on_two_ranks_reports_the_map_of_the_whole_val_set(tmp_path):
+    """Box targets as lists through DDP; each rank evaluates a shard and the COCO evaluator gathers the shards:
+    the job's val/mAP equals one process evaluating the saved checkpoint."""
+    from hat.data.scenes import make_scenes
+
+    config = ROOT / "projects" / "detection" / "fcos_digits.yaml"
+    scenes = ["data.train.scenes.num_train=96", "data.train.scenes.num_val=13"]  # 7 + 6 val images on the ranks
+    make_scenes(tmp_path / "scenes", num_train=96, num_val=13)
+    overrides = [f"work_dir={tmp_path / 'run'}", f"data.train.root={tmp_path / 'scenes'}", *scenes,
+                 "data.batch_size=8", "trainer.progress_bar=false", "trainer.epochs=5"]
+    log = _ok(subprocess.run(torchrun_command("tools/train.py", "--config", str(config), *overrides), cwd=ROOT,
+                             capture_output=True, text=True, timeout=180, env=_env()))
+    job = re.search(r"stage float done: val/loss \S+  val/mAP (\S+)  val/mAP50 (\S+)", log)
+    predicted = subprocess.run([sys.executable, "tools/predict.py", "--config", str(config), "--stage", "float",
+                                "--ckpt", str(tmp_path / "run" / "float" / "last.pt"), *overrides], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120, env=_env())
+    alone = re.search(r"val/mAP (\S+)  val/mAP50 (\S+)", predicted.stdout)
+    assert job and alone, log[-2000:] + predicted.stdout + predicted.stderr[-2000:]
+    assert float(alone.group(2)) > 0, "nothing detected: the comparison would be 0 == 0"
+    assert abs(float(job.group(1)) - float(alone.group(1))) < 0.01 and abs(float(job.group(2)) -
+                                                                            float(alone.group(2))) < 0.01
