@@ -168,3 +168,15 @@ def test_a_folder_written_meanwhile_is_kept_and_dead_temps_removed(tmp_path, mon
     assert make_scenes(out, **TINY) == out
     assert json.loads((out / "scenes.json").read_text())["seed"] == 7  # the first copy stays
     assert [p.name for p in tmp_path.iterdir()] == ["race"]  # both temporary folders are gone
+
+
+def test_the_tool_runs_as_users_call_it(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "scenes"
+    done = subprocess.run([sys.executable, "tools/make_scenes.py", "--source", "digits", "--out", str(out),
+                           "--num-train", "2", "--num-val", "1"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "annotations" / "instances_val.json").is_file() and len(list((out / "train").iterdir())) == 2
