@@ -185,10 +185,9 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     cfg = _load(args)
     cfg = stage_config(cfg, cfg.stage)
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
-    postprocess = structure_postprocess(cfg)
     if cfg.stage == "int_infer":  # the integer program file
         path = Path(args.ckpt or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
-        run = backend.load(path)
+        run, postprocess = backend.load(path), structure_postprocess(cfg)
         metrics = {k: v for k, v in evaluate_program(run, loader, build_evaluator(cfg), postprocess).items()
                    if "/" in k}
     else:
@@ -202,7 +201,7 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
                          f"evaluate it with the config that trained it (model.type '{cfg.model.type}' here)")
         device = select_device(cfg.trainer.device)
         metrics = evaluate(run.to(device), loader, device, build_evaluator(cfg))
-        run = run.cpu().eval()
+        run, postprocess = run.cpu().eval(), getattr(run, "postprocess", None)
     print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.draw > 0:
         folder = Path(cfg.work_dir) / cfg.stage / "predictions"
@@ -266,9 +265,9 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
                      "export it with the config that trained it")
         path = export_to_onnx(deploy_part(model).eval(), example, out)
     elif stage in ("calibration", "qat"):
-        path = export_to_onnx(quantized_models(cfg, ckpt)[0], example, out)
+        path = export_to_onnx(quantized_models(cfg, ckpt).qat, example, out)
     else:
-        path = export_quantized_onnx(quantized_models(cfg, ckpt)[1], example, out, march=cfg.quant.march)
+        path = export_quantized_onnx(quantized_models(cfg, ckpt).quantized, example, out, march=cfg.quant.march)
     print(f"{stage} model from {ckpt} written to {path}")
     return 0
 

@@ -24,7 +24,7 @@ def scenes(tmp_path_factory):
 def _cfg(config, tmp_path, scenes, *overrides):
     return load_config(config, [f"work_dir={tmp_path}", "trainer.progress_bar=false", f"data.train.root={scenes}",
                                 "data.train.scenes.num_train=48", "data.train.scenes.num_val=16",
-                                "quant.calibration_batches=2", "data.batch_size=16", *overrides])
+                                "quant.calibration_batches=2", "data.batch_size=16", "trainer.log_interval=2", *overrides])
 
 
 def _all_stages(config, tmp_path, scenes, float_epochs=2):
