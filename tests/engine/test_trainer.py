@@ -183,5 +183,6 @@ def test_resuming_with_another_model_names_what_differs(digits_cfg, tmp_path):
 
 def test_model_that_does_not_fit_the_data_is_a_config_error(digits_cfg):
     with pytest.raises(ConfigError, match=r"model 'convnet_small' does not fit data 'DigitsDataset' \(images "
-                                          r"\(1, 8, 8\), 10 classes\).*Check model\.num_classes"):
+                                          r"\(1, 8, 8\), 10 classes\).*Check the model's num_classes "
+                                          r"\(model\.num_classes"):
         run_stage(digits_cfg("model.num_classes=2"))
