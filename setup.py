@@ -56,7 +56,7 @@ setup(
     description="Config-driven training of models that run as integer programs on J5-class accelerators",
     python_requires=">=3.10",
     packages=find_packages(include=["hat", "hat.*"]),
-    package_data={"hat": ["csrc/*.h", "csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/cuda/*.cu"]},
+    package_data={"hat": ["csrc/*.h", "csrc/*.cpp", "csrc/cpu/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.cu"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -170,6 +170,9 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--draw", type=int, default=0, metavar="N",
                         help="also draw the predictions (boxes, masks) on the first N validation images into "
                              "work_dir/<stage>/predictions/")
+    parser.add_argument("--profile", action="store_true",
+                        help="int_infer: also time each op of the integer program on one validation batch (time, "
+                             "MACs, bytes, how it ran; slowest first)")
     args = parser.parse_intermixed_args(argv)
     from hat import backend
     from hat.checkpoint import load_checkpoint, load_weights
@@ -184,6 +187,8 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
 
     cfg = _load(args)
     cfg = stage_config(cfg, cfg.stage)
+    if args.profile and cfg.stage != "int_infer":
+        raise HatError(f"--profile times the integer program's ops; it needs --stage int_infer (got '{cfg.stage}')")
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     if cfg.stage == "int_infer":  # the integer program file
         path = Path(args.ckpt or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
@@ -203,6 +208,8 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
         metrics = evaluate(run.to(device), loader, device, build_evaluator(cfg))
         run, postprocess = run.cpu().eval(), getattr(run, "postprocess", None)
     print(f"{cfg.stage} {path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.profile:
+        print(run.profile(next(iter(loader))[0]).table(top=25))
     if args.draw > 0:
         folder = Path(cfg.work_dir) / cfg.stage / "predictions"
         written = draw_to_folder(run, postprocess, loader, args.draw, folder)

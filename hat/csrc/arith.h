@@ -61,11 +61,19 @@ HAT_HD void lsq_grad_one(T x, T scale, T qmin, T qmax, T* dx, T* ds) {
   *ds = below ? qmin : (above ? qmax : inside_ds);
 }
 
-// J5 requantization of one accumulator: (acc * m + 2^(n-1)) >> n (arithmetic), then saturate.
-HAT_HD int64_t requantize_one(int64_t acc, int64_t multiplier, int64_t shift, int64_t qmin, int64_t qmax) {
-  int64_t v = acc * multiplier;
-  if (shift > 0) v = (v + (int64_t(1) << (shift - 1))) >> shift;
+// The rounding term of a right shift by n: 2^(n-1), none for n = 0.
+HAT_HD int64_t shift_rounding(int64_t shift) { return shift > 0 ? int64_t(1) << (shift - 1) : 0; }
+
+// J5 requantization of one accumulator: (acc * m + 2^(n-1)) >> n (arithmetic), then saturate. The rounding term
+// comes precomputed (shift_rounding), so that loops over channels vectorize.
+HAT_HD int64_t requantize_rounded(int64_t acc, int64_t multiplier, int64_t rounding, int64_t shift, int64_t qmin,
+                                  int64_t qmax) {
+  int64_t v = (acc * multiplier + rounding) >> shift;
   return v < qmin ? qmin : (v > qmax ? qmax : v);
+}
+
+HAT_HD int64_t requantize_one(int64_t acc, int64_t multiplier, int64_t shift, int64_t qmin, int64_t qmax) {
+  return requantize_rounded(acc, multiplier, shift_rounding(shift), shift, qmin, qmax);
 }
 
 // Round-half-up right shift of a non-negative-weight interpolation sum (arithmetic shift floors negatives).

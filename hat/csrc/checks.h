@@ -108,4 +108,18 @@ inline RequantizeArgs requantize_args(const at::Tensor& acc_in, const at::Tensor
   return {acc, multiplier, shift, at::empty(acc.sizes(), acc.options().dtype(dtype)), layout};
 }
 
+// Calls f(T{}) with T the C++ type of an integer activation dtype: int8, int16 (or int32 when allowed).
+template <typename F>
+void dispatch_activation(at::ScalarType type, const char* op, bool allow_int32, F&& f) {
+  switch (type) {
+    case at::kChar: f(int8_t{}); break;
+    case at::kShort: f(int16_t{}); break;
+    case at::kInt:
+      TORCH_CHECK(allow_int32, op, ": int8 or int16 tensors only, got int32");
+      f(int32_t{});
+      break;
+    default: TORCH_CHECK(false, op, ": int8 or int16 tensors only, got ", type);
+  }
+}
+
 }  // namespace hat

@@ -4,9 +4,10 @@ The quantized modules (hat.quant) call them in forward and the integer program (
 parameters stored in its file, so the two are bit-exact by construction; `KERNELS` is the op set of the IR.
 Runtime inputs are positional; everything fixed at compile time (weights, multipliers, shapes) is a keyword.
 
-Convolutions accumulate in float32 when every partial sum is an integer below 2^24 (exact), if need be over chunks
-of the input channels added in int64 (`accumulate`, `splits`: chosen from the weights and the input dtype by
-accumulate_plan), else in float64 (exact below 2^53).
+These are the reference kernels: they define the arithmetic, simply. Convolutions accumulate in float32 when every
+partial sum is an integer below 2^24 (exact), if need be over chunks of the input channels added in int64 (chosen
+from the weights and the input dtype by accumulate_plan), else in float64 (exact below 2^53). The fast executor
+(hat.integer.fast) runs the same ops as int8 GEMMs and is tested bit-exact against these.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hat import ops
-from hat.integer.profile import TORCH_DTYPES, qrange
+from hat.integer.profile import TORCH_DTYPES, dtype_name, qrange
 from hat.integer.table_kernels import lookup, segment_lookup, softmax_lut
 from hat.ops.reference import round_grid, shift_right_round
 
@@ -34,16 +35,19 @@ def along_axis(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Ten
 def accumulator_bound(weight_int: torch.Tensor, input_dtype: str, bias: Optional[torch.Tensor] = None) -> int:
     """The largest |sum| a filter can reach: max over channels of sum|w| * max|x|, plus max|bias| when given."""
     qmin, qmax = qrange(input_dtype)
-    per_filter = weight_int.reshape(len(weight_int), -1).abs().sum(1, dtype=torch.int64)
+    per_filter = weight_int.reshape(len(weight_int), -1).long().abs().sum(1)  # int8 abs(-128) wraps
     worst = int(per_filter.max()) * max(-qmin, qmax) if per_filter.numel() else 0
-    return worst + (int(bias.abs().max()) if bias is not None and bias.numel() else 0)
+    return worst + (int(bias.long().abs().max()) if bias is not None and bias.numel() else 0)
 
 
 def accumulate_plan(weight_int: torch.Tensor, input_dtype: str, groups: int = 1, max_splits: int = 8) -> dict:
     """How a conv/linear accumulates exactly: {"accumulate": "float32", "splits": k} when splitting the input
-    channels into k chunks (torch.tensor_split) keeps every chunk's partial sums below 2^24, else float64."""
+    channels into k chunks (torch.tensor_split) keeps every chunk's partial sums below 2^24, else float64. A meta
+    weight (a shape-only dry run) has no values to bound: float64."""
+    if weight_int.device.type == "meta":
+        return {"accumulate": "float64", "splits": 1}
     qmin, qmax = qrange(input_dtype)
-    per_input = weight_int.reshape(weight_int.shape[0], weight_int.shape[1], -1).abs().sum(2, dtype=torch.int64)
+    per_input = weight_int.reshape(weight_int.shape[0], weight_int.shape[1], -1).long().abs().sum(2)
     splits_allowed = 1 if groups != 1 else min(max_splits, weight_int.shape[1])
     for splits in range(1, splits_allowed + 1):
         chunks = torch.tensor_split(per_input, splits, dim=1)
@@ -75,20 +79,26 @@ def dequantize(q: torch.Tensor, *, scale: torch.Tensor, axis: int = 1) -> torch.
 
 # --- conv / linear -------------------------------------------------------------------------------------------------
 def conv2d(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, groups: int,
-           accumulate: str, splits: int, relu: bool, multiplier: Optional[torch.Tensor],
-           shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor], out_max: Optional[int],
-           out_dtype: str) -> torch.Tensor:
+           relu: bool, multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+           acc_max: Optional[torch.Tensor], out_max: Optional[int], out_dtype: str) -> torch.Tensor:
     """int8/int16 conv, exact integer accumulation, int32 bias, relu; requantized (or the int32 accumulator)."""
-    compute = lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups)  # noqa: E731
-    acc = _accumulate(compute, x, weight, 1, accumulate, splits)
+    acc = conv_sums(x, weight, stride, padding, dilation, groups)
     return _finish(acc, bias, 1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
-def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, accumulate: str, splits: int, relu: bool,
+def conv_sums(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
+              plan: Optional[dict] = None) -> torch.Tensor:
+    """The conv's exact integer sums as int64, the float convs chosen by `plan` (default: accumulate_plan's)."""
+    plan = plan or accumulate_plan(weight, dtype_name(x.dtype), groups)
+    compute = lambda a, w: F.conv2d(a, w, None, stride, padding, dilation, groups)  # noqa: E731
+    return _accumulate(compute, x, weight, 1, **plan)
+
+
+def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
            multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor],
            out_max: Optional[int], out_dtype: str) -> torch.Tensor:
     """x @ W^T exactly in integers, int32 bias, relu; requantized (or the int32 accumulator)."""
-    acc = _accumulate(F.linear, x, weight, -1, accumulate, splits)
+    acc = _accumulate(F.linear, x, weight, -1, **accumulate_plan(weight, dtype_name(x.dtype)))
     return _finish(acc, bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
 
 
@@ -181,7 +191,9 @@ def add_steps(x: torch.Tensor, *, steps: int, negate: bool = False) -> torch.Ten
 
 def max_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, dilation, ceil_mode: bool) -> torch.Tensor:
     """Max over windows: the integers keep their grid."""
-    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    # torch 2.14's max_pool2d refuses int8 channels-last inputs of 64+ channels ("input_depth * input_height *
+    # input_width <= ..."): pool the NCHW copy
+    return F.max_pool2d(x.contiguous(), kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def avg_pool2d(x: torch.Tensor, *, kernel_size, stride, padding, multiplier: int, shift: int,
@@ -290,12 +302,12 @@ def matmul_plan(k: int, x_dtype: str, y_dtype: str, max_splits: int = 8) -> dict
     return {"accumulate": "float64", "splits": 1}
 
 
-def matmul(x: torch.Tensor, y: torch.Tensor, *, accumulate: str, splits: int, multiplier: int, shift: int,
-           out_dtype: str) -> torch.Tensor:
+def matmul(x: torch.Tensor, y: torch.Tensor, *, multiplier: int, shift: int, out_dtype: str) -> torch.Tensor:
     """x @ y of two activations (torch.matmul's broadcasting), exact integer sums, int32, requantized.
     The K products are summed exactly (matmul_plan: float32 chunks below 2^24 added in int64, or float64), the sum
     saturated to the int32 accumulator, then requantized by one multiplier and shift."""
-    dtype = ACCUMULATE_DTYPES[accumulate]
+    plan = matmul_plan(x.shape[-1], dtype_name(x.dtype), dtype_name(y.dtype))
+    dtype, splits = ACCUMULATE_DTYPES[plan["accumulate"]], plan["splits"]
     pairs = zip(torch.tensor_split(x, splits, dim=-1), torch.tensor_split(y, splits, dim=-2 if y.ndim > 1 else 0))
     acc = sum(torch.round(torch.matmul(xs.to(dtype), ys.to(dtype))).long() for xs, ys in pairs)
     qmin, qmax = qrange("qint32")

@@ -23,6 +23,15 @@ def qrange(dtype: str) -> tuple[int, int]:
         raise ValueError(f"unknown quantized dtype '{dtype}'; use one of {', '.join(QRANGES)}") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The quantized dtype name of an integer tensor's dtype (torch.int8 -> "qint8")."""
+    for name, torch_dtype in TORCH_DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise ValueError(f"{dtype} is not a quantized dtype; integer kernels take "
+                     f"{', '.join(map(str, TORCH_DTYPES.values()))}")
+
+
 def scale_divisor(dtype: str) -> float:
     """scale = max(|min|, |max|) / divisor; (qmax - qmin) / 2, so 127.5 for qint8."""
     qmin, qmax = qrange(dtype)

@@ -46,6 +46,29 @@ def register() -> None:
     def _requantize(acc, multiplier, shift, axis: Optional[int], qmin: int, qmax: int, dtype: torch.dtype):
         return torch.empty_like(acc, dtype=dtype)
 
+    @torch.library.register_fake("hat::gemm_epilogue")
+    def _gemm_epilogue(acc, bias, multiplier, shift, upper, lower: int, qmin: int, dtype: torch.dtype):
+        return torch.empty_like(acc, dtype=dtype)
+
+    @torch.library.register_fake("hat::im2col")
+    def _im2col(x, kernel, stride, padding, dilation):
+        out_h, out_w = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+                        for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation))
+        return x.new_empty((x.shape[0] * out_h * out_w, kernel[0] * kernel[1] * x.shape[1]))
+
+    @torch.library.register_fake("hat::depthwise_conv2d")
+    def _depthwise(x, weight, stride, padding, dilation, bias, multiplier, shift, upper, lower: int, qmin: int,
+                   dtype: torch.dtype):
+        (kh, kw), (h, w) = weight.shape[:2], x.shape[2:]
+        out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return x.new_empty((x.shape[0] * out_h * out_w, x.shape[1]), dtype=dtype)
+
+    @torch.library.register_fake("hat::add_requantize")
+    def _add_requantize(x, y, x_shift: int, x_sign: int, y_multiplier: int, multiplier: int, shift: int, qmin: int,
+                        qmax: int, dtype: torch.dtype):
+        return torch.empty_like(x, dtype=dtype)
+
     @torch.library.register_fake("hat::grid_sample")
     def _grid_sample(input, grid, coord_shift: int, mode: str, padding_mode: str):
         return input.new_empty((input.shape[0], input.shape[1], grid.shape[1], grid.shape[2]))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from hat.integer import kernels, recording
+from hat.integer import fast, kernels, recording
 from hat.integer.arith import round_half_up
 from hat.integer.profile import TORCH_DTYPES, Profile, qrange
 from hat.errors import HatError
@@ -280,14 +280,16 @@ class NamedQuantModule(torch.nn.Module):
 
 
 def apply(op: str, inputs: Sequence[Any], params: dict, scale: torch.Tensor, dtype: str, producer: str = "",
-          axis: int = 1, profile: Profile | None = None) -> QTensor:
+          axis: int = 1, profile: Profile | None = None, execute: Optional[Callable] = None) -> QTensor:
     """Run integer kernel `op` (hat.integer.kernels) on the inputs' data: every quantized-mode op goes through
-    here, so a tracer (backend.compile) records exactly what ran, with the parameters it ran with. The output
-    follows `profile`, by default its first QTensor input's."""
+    here, so a tracer (backend.compile) records exactly what ran, with the parameters it ran with. `execute`, when
+    given, is the op's fast executor for these params (hat.integer.fast.prepare; bit-exact with the kernel). The
+    output follows `profile`, by default its first QTensor input's."""
     profile = profile or next(x.profile for x in inputs if isinstance(x, QTensor))
     tracer = recording.active()
+    run = execute or fast.prepare(op, params)
     with tracer.kernel() if tracer else contextlib.nullcontext():
-        data = kernels.KERNELS[op](*(x.data if isinstance(x, QTensor) else x for x in inputs), **params)
+        data = run(*(x.data if isinstance(x, QTensor) else x for x in inputs))
     out = QTensor(data, scale, dtype, producer, axis, profile=profile)
     if tracer:
         tracer.record(op, inputs, out, params)

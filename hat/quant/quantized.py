@@ -12,8 +12,9 @@ import math
 import torch
 from torch import nn
 
+from hat.integer import fast
 from hat.integer.arith import multiplier_and_shift, round_half_up, saturate
-from hat.integer.kernels import accumulate_plan, along_axis, matmul_plan
+from hat.integer.kernels import along_axis
 from hat.integer.profile import Profile, qrange
 from hat.quant.fuse import FUSED_UPPER_BOUND
 from hat.quant.stubs import FunctionalMethods
@@ -70,7 +71,6 @@ class _QuantizedWeighted(NamedQuantModule):
         """Everything the kernel needs besides the input's integers, resolved against the input's scale."""
         acc_scale = x.scale.double() * self.weight_scale.double()
         params = {"weight": self.weight_int, "bias": self.integer_bias(x.scale), **self.layer_args,
-                  **accumulate_plan(self.weight_int, x.dtype, self.layer_args.get("groups", 1)),
                   "relu": self.activation is not None,
                   "multiplier": None, "shift": None, "acc_max": None, "out_max": None, "out_dtype": self.out_dtype}
         upper = FUSED_UPPER_BOUND[self.activation] if self.activation is not None else None
@@ -85,11 +85,23 @@ class _QuantizedWeighted(NamedQuantModule):
 
     def forward(self, x) -> QTensor:
         (x,) = self._qinputs(x)
-        params = self.integer_params(x)
+        params, execute = self._prepared(x)
         if self.out_scale is None:
             acc_scale = (x.scale.double() * self.weight_scale.double()).float()
-            return apply(self.op, [x], params, acc_scale, "qint32", self.hat_name, axis=self.channel_axis)
-        return apply(self.op, [x], params, self.out_scale, self.out_dtype, self.hat_name)
+            return apply(self.op, [x], params, acc_scale, "qint32", self.hat_name, axis=self.channel_axis,
+                         execute=execute)
+        return apply(self.op, [x], params, self.out_scale, self.out_dtype, self.hat_name, execute=execute)
+
+    def _prepared(self, x: QTensor) -> tuple[dict, fast.Executor]:
+        """The integer params and the fast executor (weights prepacked) for x's grid, kept while x's scale and dtype
+        and the module's buffers stay what they were: an eval loop resolves and packs once."""
+        buffers = (self.weight_int, self.bias, self.weight_scale, self.out_scale)
+        key = (x.dtype, x.data.device, tuple(x.scale.reshape(-1).tolist()),
+               tuple((id(b), b._version) for b in buffers if b is not None))
+        if getattr(self, "_prepared_key", None) != key:
+            params = self.integer_params(x)
+            self._prepared_key, self._prepared_value = key, (params, fast.prepare(self.op, params))
+        return self._prepared_value
 
 
 class QuantizedConv2d(_QuantizedWeighted):
@@ -166,7 +178,7 @@ class QuantizedFloatFunctional(FunctionalMethods, NamedQuantModule):
         """x @ y: integer products summed exactly (int32 on the device; the checker refuses a K and dtypes that can
         overflow it), then one requantization by s_x * s_y / s_out."""
         x, y = self._qinputs(x, y)
-        return self._out("matmul", [x, y], x.scale * y.scale, **matmul_plan(x.shape[-1], x.dtype, y.dtype))
+        return self._out("matmul", [x, y], x.scale * y.scale)
 
     def _maximum(self, x, y):
         return self._extremum(x, y, minimum=False)

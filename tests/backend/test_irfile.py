@@ -21,16 +21,16 @@ def program():
     return backend.compile(qmodel, example_inputs=(torch.randn(2, 1, 8, 8),))
 
 
-def _rewrite(path, edit, text_edit=lambda head: head):
-    """Change the JSON header with `edit(header)` (then its text with `text_edit`) and write it back with valid
-    checksums: the attack of a hand-edited file, only the content is wrong."""
+def _rewrite(path, edit, text_edit=lambda head: head, version=None):
+    """Change the JSON header with `edit(header)` (then its text with `text_edit`, the format version to `version`)
+    and write it back with valid checksums: the attack of a hand-edited file, only the content is wrong."""
     blob = path.read_bytes()
-    magic, version, head_len, _, payload_crc = struct.unpack_from("<8sIIII", blob)
+    magic, written, head_len, _, payload_crc = struct.unpack_from("<8sIIII", blob)
     header = json.loads(blob[24:24 + head_len])
     edit(header)
     head = text_edit(json.dumps(header)).encode()
-    path.write_bytes(struct.pack("<8sIIII", magic, version, len(head), zlib.crc32(head), payload_crc) + head
-                     + blob[24 + head_len:])
+    path.write_bytes(struct.pack("<8sIIII", magic, version or written, len(head), zlib.crc32(head), payload_crc)
+                     + head + blob[24 + head_len:])
 
 
 def test_round_trip_keeps_nodes_values_and_tensors(program, tmp_path):
@@ -104,6 +104,24 @@ def test_header_is_documented_json_with_format_version(program, tmp_path):
     assert {"op", "inputs", "output", "params", "module"} == set(header["nodes"][0])
 
 
+def test_version_2_files_load_without_their_executor_details(program, tmp_path):
+    """Version 2 stored how each conv summed (accumulate, splits); version 3 leaves that to the executor."""
+    def as_version_2(header):
+        for node in header["nodes"]:
+            if node["op"] in ("conv2d", "linear"):
+                node["params"].update(accumulate="float32", splits=1)
+
+    path = program.save(tmp_path / "m.hir")
+    _rewrite(path, as_version_2, version=2)
+    loaded = backend.load(path)
+    assert all("accumulate" not in n.params and "splits" not in n.params for n in loaded.nodes)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded.run(x), program.run(x))
+    _rewrite(path, as_version_2, version=3)
+    with pytest.raises(IRFileError, match="accumulate"):  # a version 3 file has no such parameter
+        backend.load(path)
+
+
 # --- hand-edited parameters, records and shapes (CRC recomputed): each refused with what, where and the fix --------
 def _node(h, op, k=0):
     return [n for n in h["nodes"] if n["op"] == op][k]
@@ -150,7 +168,7 @@ _NESTED = 100_000
     (lambda h: next(iter(h["tensors"].values())).update(offset="0"), r"'offset' of tensor 'n0.scale' is '0'"),
     (lambda h: h["nodes"][2].update(output="v2"), r"output 'v2' is already defined"),
     (lambda h: h["nodes"].__setitem__(0, ["quantize"]), r"node 0 is \['quantize'\], expected an object"),
-    (lambda h: _first_conv(h)["params"].update(splits={"$tensor": "n1.bias"}), r"'splits' is \{'\$tensor'"),
+    (lambda h: _first_conv(h)["params"].update(groups={"$tensor": "n1.bias"}), r"'groups' is \{'\$tensor'"),
 ])
 def test_hand_edited_parameters_are_refused(program, tmp_path, edit, message):
     path = program.save(tmp_path / "m.hir")

@@ -53,8 +53,12 @@ def test_fcos_runs_every_stage_into_a_bit_exact_multi_output_program(tmp_path, s
 
     overrides = [f"work_dir={tmp_path}", f"data.train.root={scenes}", "data.train.scenes.num_train=48",
                  "data.train.scenes.num_val=16"]
-    assert predict_main(["--config", str(FCOS), "--stage", "int_infer", "--draw", "3", *overrides]) == 0
-    assert f"val/mAP {integer['val/mAP']:.4f}" in capsys.readouterr().out
+    assert predict_main(["--config", str(FCOS), "--stage", "int_infer", "--draw", "3", "--profile", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert f"val/mAP {integer['val/mAP']:.4f}" in out
+    assert "integer program, batch" in out and "GMAC" in out  # --profile: one line per op, slowest first
+    conv_lines = [line for line in out.splitlines() if " conv2d " in line]
+    assert conv_lines and all("int8 GEMM" in line or "exact float" in line for line in conv_lines)
     drawn = sorted((tmp_path / "int_infer" / "predictions").iterdir())
     assert [p.name for p in drawn] == ["000000.png", "000001.png", "000002.png"]
     assert Image.open(drawn[0]).size == (64, 64) and Image.open(drawn[0]).mode == "RGB"

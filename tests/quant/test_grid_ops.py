@@ -112,6 +112,7 @@ def test_grid_op_through_every_stage(name, dtype, tmp_path):
     for batch in (x, x[:1]):
         with torch.no_grad():
             want = qmodel(batch)
+        assert torch.equal(program.run(batch, reference=True), want)  # the fast executor is the reference
         assert torch.equal(program.run(batch), want) and torch.equal(loaded.run(batch), want)
     assert torch.equal(backend.compile(qmodel, (x,), march="bayes").run(x), expected)
     ort = pytest.importorskip("onnxruntime")
@@ -122,9 +123,9 @@ def test_grid_op_through_every_stage(name, dtype, tmp_path):
     for batch in (x, x[:1]):
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
         # float requantization of the conv (int16: 1 step), ONNX's half-even rounding of ties (an average, a
-        # bilinear sum with dyadic weights)
+        # bilinear sum with dyadic weights); float32 outputs near 2^15 steps (int16) are off by up to 2^-9 step
         difference = (got - program.run(batch)).abs() / step
-        assert difference.max() <= 2.0001 and difference.mean() < 0.3
+        assert difference.max() <= 2 + 2 ** -8 and difference.mean() < 0.3
 
 
 def _pair(dtype):

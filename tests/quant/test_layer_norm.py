@@ -110,6 +110,7 @@ def _program_checks(qmodel, x, tmp_path):
         with torch.no_grad():
             reference = qmodel(batch)
         assert torch.equal(program.run(batch), reference) and torch.equal(loaded.run(batch), reference)
+        assert torch.equal(loaded.run(batch, reference=True), reference)  # fast executor == reference kernels
     return program
 
 

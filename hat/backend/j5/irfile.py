@@ -14,9 +14,10 @@ Layout (all integers little-endian):
 Header: {"format": "hat.j5.program", "march", "hat_version", "inputs": [value names], "outputs": [value names],
 "output_names": [the model's names of the outputs, in order; empty when it returned a tensor or a tuple],
 "values": {name: {"dtype", "shape", "scale", "axis", "constant"}}, "nodes": [{"op", "inputs", "output", "params",
-"module"}], "tensors": {name: {"dtype", "shape", "offset", "nbytes"}}}. A node runs kernels.KERNELS[op] on its
-inputs with `params` as keywords; a parameter {"$tensor": name} is the tensor `name`. Values are listed in the
-order nodes define them; dim 0 of a shape is the batch.
+"module"}], "tensors": {name: {"dtype", "shape", "offset", "nbytes"}}}. A node computes kernels.KERNELS[op] of its
+inputs with `params` as keywords (what to compute; how is the executor's choice); a parameter {"$tensor": name} is
+the tensor `name`. Version 2 files also stored how conv2d/linear/matmul summed (accumulate, splits): read, dropped.
+Values are listed in the order nodes define them; dim 0 of a shape is the batch.
 
 `load` trusts nothing in the file: every record is type-checked, every node parameter checked against its op's rule
 (schema.py: types from the kernel, ranges from the march's profile), every tensor the program computes bounded by
@@ -49,7 +50,9 @@ from hat.integer.profile import TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value
 
 MAGIC = b"\x89HIR\r\n\x1a\n"
-FORMAT_VERSION = 2  # 2: segment_lookup carries its table grid (internal_dtype, out_shift)
+FORMAT_VERSION = 3  # 2: segment_lookup carries its table grid; 3: no executor details (accumulate, splits)
+EXECUTOR_DETAILS = {"conv2d": ("accumulate", "splits"), "linear": ("accumulate", "splits"),
+                    "matmul": ("accumulate", "splits")}  # what version 2 stored of how to sum, dropped on load
 OLDEST_READABLE = 2  # kernels' parameters changed since: older files are recompiled, not guessed at
 FORMAT_NAME = "hat.j5.program"
 _PREAMBLE = struct.Struct("<8sIIII")
@@ -132,7 +135,7 @@ def _parse(blob: bytes) -> Program:
     except ValueError as exc:
         raise IRFileError(f"invalid header: not valid UTF-8 JSON ({_short(exc)}); {_RECOMPILE}") from None
     try:
-        return _program(header, payload)
+        return _program(header, payload, version)
     except IRFileError:
         raise
     except Exception as exc:  # a case the checks below do not name: still a refusal, never a crash
@@ -149,7 +152,7 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _program(header: dict, payload: bytes) -> Program:
+def _program(header: dict, payload: bytes, version: int = FORMAT_VERSION) -> Program:
     _expect(header, dict, "the header")
     if header.get("format") != FORMAT_NAME:
         raise IRFileError(f"header format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -165,6 +168,10 @@ def _program(header: dict, payload: bytes) -> Program:
         if value.constant:
             _check_constant(name, value, tensors)
     nodes = [_node(i, record) for i, record in enumerate(_field(header, "nodes", list, "the header"))]
+    if version < 3:  # how a conv summed is the executor's choice now, not the file's
+        for node in nodes:
+            for key in EXECUTOR_DETAILS.get(node.op, ()):
+                node.params.pop(key, None)
     inputs, outputs = (_names(header, key) for key in ("inputs", "outputs"))
     output_names = _names(header, "output_names") if "output_names" in header else []
     if output_names and (len(output_names) != len(outputs) or len(set(output_names)) != len(output_names)):
@@ -174,6 +181,7 @@ def _program(header: dict, payload: bytes) -> Program:
     _check_graph(program)
     _check_limits(program, profile)
     _dry_run(program)
+    program.executors()  # weights packed for the fast executor now, not in the first run
     return program
 
 

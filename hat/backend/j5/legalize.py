@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from hat.integer.kernels import accumulate_plan, accumulator_bound
+from hat.integer.kernels import accumulator_bound
 from hat.integer.profile import Profile
 from hat.backend.j5.program import TENSOR_REF, Node, Program, Value, pair
 
@@ -85,9 +85,7 @@ def _space_to_depth(node: Node, program: Program, profile: Profile) -> Optional[
     o, cg = weight.shape[:2]
     unshuffled = (weight.reshape(o, cg, kernel[0] // f, f, kernel[1] // f, f).permute(0, 1, 3, 5, 2, 4)
                   .reshape(o, cg * f * f, kernel[0] // f, kernel[1] // f).contiguous())
-    groups = node.params.get("groups", 1)
-    params = dict(node.params, weight=unshuffled, stride=[s // f for s in stride], padding=[0, 0],
-                  **accumulate_plan(unshuffled, x.dtype, groups))
+    params = dict(node.params, weight=unshuffled, stride=[s // f for s in stride], padding=[0, 0])
     conv = _add(program, "conv2d", [source], name, program.values[name], params, node.module)
     return nodes + [conv]
 
@@ -107,7 +105,7 @@ def _split_channels(node: Node, program: Program, profile: Profile) -> Optional[
         return None
     axis = 1 if node.op == "conv2d" else -1
     bounds = [b.tolist() for b in torch.arange(in_c).tensor_split(math.ceil(in_c / max_channels))]
-    fixed = {k: node.params[k] for k in node.params if k not in ("weight", "bias", "accumulate", "splits")}
+    fixed = {k: node.params[k] for k in node.params if k not in ("weight", "bias")}
     nodes, parts, name = [], [], node.output
     for i, channels in enumerate(bounds):
         start, stop = channels[0], channels[-1] + 1
@@ -118,8 +116,7 @@ def _split_channels(node: Node, program: Program, profile: Profile) -> Optional[
                           Value(x.dtype, shape, list(x.scale), x.axis), {"items": items}, node.module))
         part_weight = weight[:, start:stop].contiguous()
         params = dict(fixed, weight=part_weight, bias=bias if i == 0 else torch.zeros_like(bias), relu=False,
-                      multiplier=None, shift=None, acc_max=None, out_max=None, out_dtype="qint32",
-                      **accumulate_plan(part_weight, x.dtype))
+                      multiplier=None, shift=None, acc_max=None, out_max=None, out_dtype="qint32")
         out_shape = program.values[name].shape
         nodes.append(_add(program, node.op, [nodes[-1].output], f"{name}.part{i}", Value("qint32", out_shape),
                           params, node.module))

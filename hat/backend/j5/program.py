@@ -1,7 +1,9 @@
 """The integer program: a list of J5 integer ops over named values, with its integer tensors; runs without the model.
 
-`Program.run(x)` quantizes the float input, runs each node's kernel (hat.integer.kernels, the functions the
-quantized modules use) and dequantizes the outputs. Saving and loading live in irfile.py.
+`Program.run(x)` quantizes the float input, runs each node and dequantizes the outputs. Each node runs the fast
+executor (hat.integer.fast: weights prepacked at the first run, int8 GEMMs), or with `reference=True` the reference
+kernel (hat.integer.kernels, which defines the arithmetic); both are bit-exact with the quantized model. Saving and
+loading live in irfile.py, timing per node in timing.py.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hat.integer import fast
 from hat.integer.kernels import KERNELS
 from hat.errors import HatError
 
@@ -59,19 +62,42 @@ class Program:
     tensors: dict[str, torch.Tensor]
     output_names: list[str] = field(default_factory=list)  # the model's names when it returned a dict, in order
     _resolved: Optional[list[dict[str, Any]]] = field(default=None, init=False, repr=False, compare=False)
+    _executors: Optional[list[fast.Executor]] = field(default=None, init=False, repr=False, compare=False)
 
-    def run(self, *inputs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    def run(self, *inputs: torch.Tensor, reference: bool = False
+            ) -> Union[torch.Tensor, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         """Float inputs (shapes as compiled, any batch) -> float outputs, bit-exact with the quantized model and in
-        its form: a dict with the model's output names when the model returned one, else a tensor or a tuple."""
+        its form: a dict with the model's output names when the model returned one, else a tensor or a tuple.
+        reference=True runs the reference kernels instead of the fast executor (same integers, slower)."""
         env = self._bind(inputs)
-        for node, params in zip(self.nodes, self._resolved_params()):
-            env[node.output] = KERNELS[node.op](*(env[name] for name in node.inputs), **params)
+        if reference:
+            for node, params in zip(self.nodes, self._resolved_params()):
+                env[node.output] = KERNELS[node.op](*(env[name] for name in node.inputs), **params)
+        else:
+            for node, execute in zip(self.nodes, self.executors()):
+                env[node.output] = execute(*(env[name] for name in node.inputs))
+        return self._outputs(env)
+
+    __call__ = run
+
+    def executors(self) -> list[fast.Executor]:
+        """Each node's fast executor, its weights prepacked (built once, at the first run)."""
+        if self._executors is None:
+            self._executors = [fast.prepare(node.op, params)
+                               for node, params in zip(self.nodes, self._resolved_params())]
+        return self._executors
+
+    def profile(self, *inputs: torch.Tensor, runs: int = 5):
+        """Time per node (median of `runs`), MACs, bytes and executor path: where the time goes (timing.py)."""
+        from hat.backend.j5.timing import profile
+
+        return profile(self, *inputs, runs=runs)
+
+    def _outputs(self, env: dict[str, torch.Tensor]):
         outputs = tuple(env[name] for name in self.outputs)
         if self.output_names:
             return dict(zip(self.output_names, outputs))
         return outputs[0] if len(outputs) == 1 else outputs
-
-    __call__ = run
 
     def _bind(self, inputs: tuple) -> dict[str, torch.Tensor]:
         if len(inputs) != len(self.inputs):

@@ -21,8 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hat.integer import kernels
-from hat.integer.kernels import KERNELS, LAYOUT_METHODS, accumulate_plan
+from hat.integer.kernels import KERNELS, LAYOUT_METHODS
 from hat.integer.profile import QRANGES, TORCH_DTYPES, Profile, get_profile
 from hat.backend.j5.program import TENSOR_REF
 from hat.backend.j5.schema_relations import relations
@@ -105,8 +104,6 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
     add_shift = dict(low=0, high=max(p.add_max_shift.values()))
     weighted = {"weight": dict(dtypes=(TORCH_DTYPES[p.weight_dtype],)),
                 "bias": dict(dtypes=_INTS, low=acc_low, high=acc_high),
-                "accumulate": dict(choices=tuple(kernels.ACCUMULATE_DTYPES)),
-                "splits": dict(low=1, high=inspect.signature(accumulate_plan).parameters["max_splits"].default),
                 "multiplier": dict(multiplier, dtypes=_INTS, by_value=True),
                 "shift": dict(shift, dtypes=_INTS, by_value=True),
                 "acc_max": dict(dtypes=_INTS, low=acc_low, high=acc_high),
@@ -124,9 +121,7 @@ def _ranges(march: str) -> dict[str, dict[str, dict[str, Any]]]:
                                                                   "out_dtype")}},
         "add": {**requantized, "x_shift": add_shift, "x_sign": dict(choices=(-1, 1)), "y_multiplier": multiplier},
         "mul": requantized,
-        "matmul": {**requantized, "accumulate": dict(choices=tuple(kernels.ACCUMULATE_DTYPES)),
-                   "splits": dict(low=1, high=inspect.signature(kernels.matmul_plan).parameters["max_splits"].default),
-                   "out_dtype": dict(choices=p.activation_dtypes)},
+        "matmul": {**requantized, "out_dtype": dict(choices=p.activation_dtypes)},
         "expand_batch": {},
         "add_scalar": {**requantized, "x_shift": add_shift, "constant": dict(low=-INT64_ROOM, high=INT64_ROOM)},
         "mul_scalar": {**requantized, "sign": dict(choices=(-1, 1))},

@@ -27,8 +27,6 @@ def _weighted(rank: int) -> Callable[[dict], Optional[str]]:
                     f"expected 1 or {out} (one per output channel) each")
         if acc_max is not None and acc_max.numel() != out:
             return f"parameter 'acc_max' has {acc_max.numel()} values for {out} output channels"
-        if params.get("splits", 1) > max(weight.shape[1], 1):
-            return f"parameter 'splits' is {params['splits']}, more than the {weight.shape[1]} input channels"
         return None
 
     return check

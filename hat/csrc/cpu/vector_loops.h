@@ -10,10 +10,13 @@ namespace {  // internal linkage in each kernel file
 
 // The hot loops are compiled twice on x86-64, for AVX2 and for the baseline, and the loader picks the one the
 // CPU runs (GCC function multiversioning): twice the vector width where there is one, no crash where there isn't.
+// Integer loops (requantization, int8 convs) get an AVX-512 clone too: twice the width, and int64 vector multiplies.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HAT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define HAT_AVX512_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define HAT_VECTOR_CLONES
+#define HAT_AVX512_CLONES
 #endif
 
 constexpr int kSumLanes = 8;  // independent partial sums: vectorizable without reassociating one sum
