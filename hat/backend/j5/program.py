@@ -1,9 +1,9 @@
 """The integer program: a list of J5 integer ops over named values, with its integer tensors; runs without the model.
 
 `Program.run(x)` quantizes the float input, runs each node and dequantizes the outputs. Each node runs the fast
-executor (hat.integer.fast: weights prepacked at the first run, int8 GEMMs), or with `reference=True` the reference
-kernel (hat.integer.kernels, which defines the arithmetic); both are bit-exact with the quantized model. Saving and
-loading live in irfile.py, timing per node in timing.py.
+executor (hat.integer.fast: weights packed at load or the first run, int8 GEMMs), or with `reference=True` the
+reference kernel (hat.integer.kernels, which defines the arithmetic); both are bit-exact with the quantized model.
+Saving and loading live in irfile.py, timing per node in timing.py.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class Program:
     __call__ = run
 
     def executors(self) -> list[fast.Executor]:
-        """Each node's fast executor, its weights prepacked (built once, at the first run)."""
+        """Each node's fast executor, its weights packed (built once: at load, or at the first run)."""
         if self._executors is None:
             self._executors = [fast.prepare(node.op, params)
                                for node, params in zip(self.nodes, self._resolved_params())]
