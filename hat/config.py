@@ -118,8 +118,10 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
 
     Unknown keys in typed sections, wrong value types and out-of-range values raise one-line ConfigErrors.
     """
+    for part in (cfg, *more):
+        _check_top_level(part, source)
     schema = OmegaConf.structured(Schema)
-    OmegaConf.set_struct(schema, False)  # free top-level keys (`+my_key=1`) are allowed ...
+    OmegaConf.set_struct(schema, False)  # `_`-prefixed top-level keys are the user's (_check_top_level) ...
     for typed in TYPED_SECTIONS:  # ... but the typed sections reject unknown keys
         OmegaConf.set_struct(schema[typed], True)
     try:
@@ -141,6 +143,19 @@ def validate(cfg: DictConfig, source: str = "config", *more: Optional[DictConfig
     return merged
 
 
+def _check_top_level(part: Optional[DictConfig], source: str) -> None:
+    """Every top-level key is one of the schema's (a misspelled `traner:` must not train the defaults); names
+    starting with `_` are free, for the user's own anchors and interpolation values."""
+    known = [f.name for f in dataclasses.fields(Schema)]
+    for key in (part.keys() if part is not None else ()):
+        if key in known or str(key).startswith("_"):
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown top-level key '{key}'.{hint} Top-level keys: {', '.join(known)} "
+                          f"(your own values: a name starting with '_', e.g. _size: 32)")
+
+
 MAX_SEED = 2**31 - 1  # 32-bit seeds (numpy) with room for the rank and the epoch added to them
 _AT_LEAST = {"quant.calibration_batches": 1, "trainer.dist_timeout_s": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
              "trainer.log_interval": 1, "trainer.eval_interval": 1,
@@ -156,6 +171,8 @@ def _check_ranges(cfg: DictConfig, source: str) -> None:
     if unknown:
         raise ConfigError(f"{source}: stages.{unknown[0]}: not a stage; per-stage overrides go under "
                           f"stages.<{'|'.join(STAGE_ORDER)}>")
+    for name, override in (cfg.stages or {}).items():  # checked now, not when that stage runs
+        _check_top_level(override, f"{source}: stages.{name}")
     if cfg.work_dir is None or not str(cfg.work_dir).strip():
         raise ConfigError(f"{source}: work_dir is empty; set work_dir=work_dirs/NAME (each stage writes "
                           f"work_dir/<stage>/)")

@@ -27,10 +27,10 @@ def test_defaults_list_pulls_shared_base_groups():
 
 
 def test_overrides_set_add_and_delete():
-    cfg = load_config(DIGITS, ["trainer.epochs=1", "optimizer.lr=0.01", "+x=1", "~scheduler",
-                               "data.train.split=val", "+extra.list=[1,2]", "+lr_copy=${optimizer.lr}"])
+    cfg = load_config(DIGITS, ["trainer.epochs=1", "optimizer.lr=0.01", "+_x=1", "~scheduler",
+                               "data.train.split=val", "+_extra.list=[1,2]", "+_lr_copy=${optimizer.lr}"])
     assert cfg.trainer.epochs == 1 and cfg.optimizer.lr == 0.01
-    assert cfg.x == 1 and list(cfg.extra.list) == [1, 2] and cfg.lr_copy == 0.01
+    assert cfg._x == 1 and list(cfg._extra.list) == [1, 2] and cfg._lr_copy == 0.01  # new top-level keys: '_' names
     assert cfg.scheduler is None
     assert cfg.data.train.split == "val"
 
@@ -108,3 +108,16 @@ def test_every_typed_key_can_be_overridden_without_plus():
                  for f in dataclasses.fields(schema) if f.name not in ("train", "val")]
     assert load_config(DIGITS, overrides) == base
     assert load_config(DIGITS, ["data.num_workers=1"]).data.num_workers == 1
+
+
+def test_misspelled_top_level_keys_are_refused_with_a_suggestion(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"defaults:\n  - {Path(DIGITS).stem}\n  - _self_\ntraner:\n  epochs: 1\n")
+    (tmp_path / f"{Path(DIGITS).stem}.yaml").write_text(Path(DIGITS).read_text())
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown top-level key 'traner'\. Did you mean 'trainer'\?"):
+        load_config(typo)
+    with pytest.raises(ConfigError, match=r"unknown top-level key 'qaunt'\. Did you mean 'quant'\?"):
+        load_config(DIGITS, ["+qaunt={high_precision_outputs: [fc]}"])
+    with pytest.raises(ConfigError, match=r"stages\.qat: unknown top-level key 'traner'"):  # at load, not at the stage
+        load_config(DIGITS, ["+stages.qat.traner.epochs=2"])
+    assert load_config(DIGITS, ["+_size=32"])._size == 32  # a name starting with '_' is the user's own
