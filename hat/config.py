@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from hat.integer.profile import PROFILES
 from hat.errors import ConfigError
 from hat.fileio import atomic_write
+from hat.plugins import import_config_modules
 
 STAGE_ORDER = ("float", "calibration", "qat", "int_infer")
 TYPED_SECTIONS = ("trainer", "data", "quant")
@@ -88,6 +89,7 @@ class Schema:
     stage: str = "float"
     pretrained: Any = None  # checkpoint path, zoo:NAME or true (the zoo entry named like model.type): float start
     stages: Any = dataclasses.field(default_factory=dict)  # per-stage overrides: stages.qat.optimizer...
+    imports: Any = None  # modules of the user's own code, imported before anything is built (hat/plugins.py)
 
 
 def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -110,6 +112,7 @@ def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictC
         raise ConfigError(_hydra_message(exc, path)) from None
     finally:
         GlobalHydra.instance().clear()
+    import_config_modules(cfg.get("imports"), path.parent)  # before validation: its names may be the user's
     return validate(cfg, source=str(path))
 
 

@@ -1,8 +1,8 @@
 """One registry for everything a config can name: `@register` a class or function, `build(cfg)` it.
 
-Only registered names can be built, so a config can never import arbitrary code. Registration happens the
-first time a name is looked up (the packages in REGISTRANTS import their modules), never by a config; so
-`import hat.quant` stays free of the engine and the data code.
+Only registered names can be built; a config imports code only through its explicit `imports:` list (hat/plugins.py).
+Registration happens the first time a name is looked up (the packages in REGISTRANTS import their modules, then
+installed packages' `hat.plugins` entry points), so `import hat.quant` stays free of the engine and the data code.
 """
 from __future__ import annotations
 
@@ -36,9 +36,18 @@ REGISTRANTS = ("hat.data", "hat.evaluation", "hat.models", "hat.engine.int_infer
                "hat.engine.stages")
 
 
+_PLUGINS_LOADED = False
+
+
 def _load_registrants() -> None:
+    global _PLUGINS_LOADED
     for module in REGISTRANTS:
         importlib.import_module(module)
+    if not _PLUGINS_LOADED:  # installed packages' `hat.plugins` entry points (hat/plugins.py), once
+        from hat.plugins import load_entry_points
+
+        _PLUGINS_LOADED = True
+        load_entry_points()
 
 
 def register(obj: Callable | None = None, *, name: str | None = None, kind: str = "misc"):

@@ -77,9 +77,20 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
     return metrics
 
 
+MODEL_CONTRACT = ("a HAT model is an nn.Module whose forward(images, targets) returns (loss, outputs) in training "
+                  "(the loss a tensor or a dict of named terms), outputs in eval, and whose deploy_model() returns the "
+                  "part that is quantized and deployed (no loss, no post-processing); see hat/models/classifier.py")
+
+
 def build_model(cfg: DictConfig) -> nn.Module:
-    """`cfg.model` from the zoo (kind model) or a structure built from parts (kind structure)."""
-    return build(cfg.model, "model", kind=("model", "structure"))
+    """`cfg.model` from the zoo (kind model) or a structure built from parts (kind structure), checked against the
+    model contract (a user's registered model that is not one gets a one-line error, not a TypeError later)."""
+    model = build(cfg.model, "model", kind=("model", "structure"))
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "deploy_model", None)):
+        made = type(model)
+        raise ConfigError(f"model.type '{cfg.model.type}' builds {made.__module__}.{made.__qualname__}, which does not "
+                          f"follow the model contract: {MODEL_CONTRACT}")
+    return model
 
 
 def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
