@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -149,7 +150,19 @@ def _train(argv: Optional[Sequence[str]]) -> int:
 
     cfg = _load(args)
     run_stage(cfg, resume=args.resume_from or ("auto" if args.resume else None), overwrite=args.overwrite)
+    log.info("next: %s", next_command(cfg.stage, args.config, args.overrides))
     return 0
+
+
+def next_command(stage: str, config: str, overrides: Sequence[str]) -> str:
+    """The command that continues the pipeline after `stage`, with the same config and overrides."""
+    from hat.config import STAGE_ORDER
+
+    tail = " ".join([f"--config {config}", *(shlex.quote(o) for o in overrides if not o.startswith("stage="))])
+    if stage == STAGE_ORDER[-1]:
+        return (f"python tools/predict.py {tail} --stage int_infer --profile   (or tools/export_onnx.py "
+                f"{tail} --stage int_infer)")
+    return f"python tools/train.py {tail} --stage {STAGE_ORDER[STAGE_ORDER.index(stage) + 1]}"
 
 
 def _list(kind: str) -> int:

@@ -40,13 +40,16 @@ class EvalCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Writes `last.pt` every epoch and `best.pt` when `metric` improves (`mode` max: higher is better, min: lower)."""
+    """Writes `last.pt` every epoch and `best.pt` when `metric` improves (`mode` max: higher is better, min: lower);
+    keeps the best epoch's number and metrics (`best_epoch`, `best_metrics`), which the stage reports."""
 
     def __init__(self, out_dir: str | Path, config_yaml: str, metric: str = "val/top1", mode: str = "max"):
         if mode not in ("max", "min"):
             raise ConfigError(f"trainer.best_mode must be max or min, got '{mode}'")
         self.out_dir, self.config_yaml, self.metric, self.mode = Path(out_dir), config_yaml, metric, mode
         self.best: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.best_metrics: dict[str, float] = {}
 
     def after_epoch(self, trainer: Trainer) -> None:
         broken = non_finite_weights(trainer.bare_model)
@@ -64,12 +67,23 @@ class CheckpointCallback(Callback):
         better = (lambda a, b: a > b) if self.mode == "max" else (lambda a, b: a < b)
         improved = value is not None and (self.best is None or better(value, self.best))
         if improved:
-            self.best = value
+            self.best, self.best_epoch, self.best_metrics = value, trainer.epoch, dict(trainer.metrics)
         state = {**trainer.state_dict(), "config": self.config_yaml, "metrics": dict(trainer.metrics),
-                 "best_metric": self.best}
+                 "best_metric": self.best, "best_epoch": self.best_epoch, "best_metrics": self.best_metrics}
         save_checkpoint(state, self.out_dir / "last.pt")
         if improved:
             save_checkpoint(state, self.out_dir / "best.pt")
+
+    def load_state(self, state: dict) -> None:
+        """Resume: the best so far, from a checkpoint this callback wrote."""
+        self.best, self.best_epoch = state.get("best_metric"), state.get("best_epoch")
+        self.best_metrics = dict(state.get("best_metrics") or {})
+
+    def report(self) -> dict[str, float]:
+        """The best epoch's metrics as `best/<key>` and its number as `best/epoch`: what best.pt holds."""
+        if self.best_epoch is None:
+            return {}
+        return {**{f"best/{k}": v for k, v in self.best_metrics.items()}, "best/epoch": float(self.best_epoch)}
 
 
 class TensorBoardCallback(Callback):

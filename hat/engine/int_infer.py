@@ -151,7 +151,7 @@ def accuracy_table(work_dir: Path, metrics: dict[str, float], keys: Sequence[str
     def earlier(stage: str) -> list[Optional[float]]:
         path = work_dir / stage / "metrics.json"
         found = json.loads(path.read_text()) if path.is_file() else {}
-        return [found.get(key) for key in keys]
+        return [found.get(f"best/{key}", found.get(key)) for key in keys]  # best.pt's: the checkpoint used next
 
     def cells(values: Sequence[Optional[float]]) -> str:
         return " | ".join("-" if v is None else f"{v:.2f}" for v in values)

@@ -14,7 +14,7 @@ from hat.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
-from hat.engine.stages import (RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences,
+from hat.engine.stages import (RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences, fit,
                                resume_trainer)
 from hat.engine.trainer import Callback, Trainer, evaluate
 from hat.errors import CheckpointError, ConfigError
@@ -151,7 +151,7 @@ def qat_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[str
     if resume:
         resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg, (*RECIPE_KEYS, *QUANT_KEYS))
     with synchronized_observers(model, distributed.active()):  # identical scales on every rank, every step
-        return trainer.fit()
+        return fit(trainer)
 
 
 class _FreezeBN(Callback):

@@ -73,8 +73,25 @@ def run_stage(cfg: DictConfig, stage: Optional[str] = None, resume: Optional[str
         metrics = get(stage, kind="stage")(cfg, out_dir, resume)
         if w.is_main:
             atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    log.info("stage %s done: %s", stage, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    for line in stage_summary(stage, metrics, Path(cfg.work_dir) / stage, cfg.trainer.epochs):
+        log.info(line)
     return metrics
+
+
+def stage_summary(stage: str, metrics: dict[str, float], out_dir: Path, epochs: int) -> list[str]:
+    """The lines a stage ends with: its result (the best epoch's, which best.pt holds, and the last epoch's when
+    they differ) and where its outputs are."""
+    last = {k: v for k, v in metrics.items() if not k.startswith("best/")}
+    lines = [f"stage {stage} done: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())]
+    if "best/epoch" in metrics:
+        best = {k[len("best/"):]: v for k, v in metrics.items() if k.startswith("best/") and k != "best/epoch"}
+        lines[0] = (f"stage {stage} done: best epoch {int(metrics['best/epoch'])}/{epochs} (best.pt): "
+                    + "  ".join(f"{k} {v:.4g}" for k, v in best.items()))
+        if best != last:
+            lines.append("  last epoch (last.pt): " + "  ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    lines.append(f"  outputs: {out_dir} ({', '.join(sorted(p.name for p in out_dir.iterdir()))})"
+                 if out_dir.is_dir() else f"  outputs: {out_dir}")
+    return lines
 
 
 MODEL_CONTRACT = ("a HAT model is an nn.Module whose forward(images, targets) returns (loss, outputs) in training "
@@ -183,7 +200,7 @@ def resume_trainer(trainer: Trainer, path: str | Path, cfg: DictConfig, keys: Se
     trainer.metrics = dict(state.get("metrics") or {})
     for callback in trainer.callbacks:
         if isinstance(callback, CheckpointCallback):
-            callback.best = state.get("best_metric")
+            callback.load_state(state)
     log.info("resumed from %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
 
 
@@ -215,4 +232,14 @@ def float_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> dict[s
     trainer = build_trainer(cfg, model, out_dir)
     if resume:
         resume_trainer(trainer, out_dir / "last.pt" if resume == "auto" else resume, cfg)
-    return trainer.fit()
+    return fit(trainer)
+
+
+def fit(trainer: Trainer) -> dict[str, float]:
+    """Train; the last epoch's metrics plus the best epoch's (`best/<key>`, `best/epoch`: the best.pt that the next
+    stage reads)."""
+    metrics = trainer.fit()
+    for callback in trainer.callbacks:
+        if isinstance(callback, CheckpointCallback):
+            metrics = {**metrics, **callback.report()}
+    return metrics

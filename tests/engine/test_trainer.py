@@ -1,5 +1,6 @@
 """The loop on the real digits config: learning, clipping, accumulation, AMP, TensorBoard, resume."""
 import json
+import logging
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hat.engine import Callback, Trainer
 from hat.models import Classifier
 from hat.engine.callbacks import CheckpointCallback
 from hat.engine.stages import build_model, build_trainer, float_stage, run_stage
+from hat.checkpoint import load_checkpoint
 from hat.errors import CheckpointError, ConfigError
 
 
@@ -186,3 +188,32 @@ def test_model_that_does_not_fit_the_data_is_a_config_error(digits_cfg):
                                           r"\(1, 8, 8\), 10 classes\).*Check the model's num_classes "
                                           r"\(model\.num_classes"):
         run_stage(digits_cfg("model.num_classes=2"))
+
+
+def test_a_stage_reports_the_best_epoch_that_best_pt_holds_and_the_last(digits_cfg, tmp_path, caplog):
+    """best.pt (what the next stage reads) and the last epoch differ: metrics.json and the summary say both."""
+    caplog.set_level(logging.INFO, logger="hat")
+    cfg = digits_cfg("trainer.epochs=3", "trainer.best_mode=min")  # best = lowest top-1: an early epoch, not the last
+    metrics = run_stage(cfg)
+    saved = json.loads((tmp_path / "float" / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics) and saved["best/epoch"] < 3
+    assert saved["best/val/top1"] < saved["val/top1"]
+    best = load_checkpoint(tmp_path / "float" / "best.pt")
+    assert best["metrics"]["val/top1"] == saved["best/val/top1"] and best["best_epoch"] == saved["best/epoch"]
+    summary = [r.getMessage() for r in caplog.records if "stage float done" in r.getMessage() or "last epoch" in
+               r.getMessage() or "outputs:" in r.getMessage()]
+    assert summary[0].startswith(f"stage float done: best epoch {int(saved['best/epoch'])}/3 (best.pt): val/loss")
+    assert summary[1].startswith("  last epoch (last.pt): val/loss") and "best.pt, config.yaml, last.pt" in summary[2]
+    from hat.engine.int_infer import accuracy_table
+
+    table = accuracy_table(tmp_path, {"val/bit_exact_mismatches": 0.0}, ("val/top1",))
+    assert f"| float | {saved['best/val/top1']:.2f} |" in table  # the checkpoint that was quantized
+
+
+def test_the_train_tool_ends_with_the_next_command(tmp_path, caplog):
+    from hat.cli import next_command
+
+    assert next_command("float", "p/x.yaml", ["work_dir=/tmp/a b", "stage=float"]) == \
+        "python tools/train.py --config p/x.yaml 'work_dir=/tmp/a b' --stage calibration"
+    assert next_command("int_infer", "p/x.yaml", []).startswith("python tools/predict.py --config p/x.yaml --stage "
+                                                                "int_infer --profile")
