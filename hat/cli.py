@@ -42,8 +42,12 @@ def _load(args: argparse.Namespace):
 
     if not args.config:
         raise HatError("--config FILE is required (e.g. --config projects/digits/convnet.yaml)")
-    overrides = list(args.overrides) + ([f"++stage={args.stage}"] if args.stage else [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's overrides, --stage as one of them."""
+    return list(args.overrides) + ([f"++stage={args.stage}"] if args.stage else [])
 
 
 def _run(main, argv: Optional[Sequence[str]]) -> int:
@@ -143,15 +147,43 @@ def _train(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run of the stage")
     parser.add_argument("--list", nargs="?", const="all", metavar="KIND",
                         help="list registered names (all, or one kind: model, dataset, optimizer, ...) and exit")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="sweep: key=a,b (or range(...)) overrides run one job per combination, one after the "
+                             "other, each into work_dir/<n>/, then a summary table (work_dir/multirun.md)")
+    parser.add_argument("--cfg", choices=["job"], help="print the composed config (job) and run nothing")
+    parser.add_argument("--info", action="store_true", help="print where the config comes from and run nothing")
     args = parser.parse_intermixed_args(argv)
     if args.list:
         return _list(args.list)
     from hat.engine.stages import run_stage
 
+    resume = args.resume_from or ("auto" if args.resume else None)
+    if args.multirun and not (args.cfg or args.info):
+        from hat.engine.sweep import run_sweep
+
+        if not args.config:
+            raise HatError("--config FILE is required (e.g. --config projects/digits/convnet.yaml)")
+        run_sweep(args.config, _overrides(args), resume, args.overwrite)
+        return 0
     cfg = _load(args)
-    run_stage(cfg, resume=args.resume_from or ("auto" if args.resume else None), overwrite=args.overwrite)
+    if args.cfg or args.info:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg) if args.cfg else _info(args, cfg), end="")
+        return 0
+    run_stage(cfg, resume=resume, overwrite=args.overwrite)
     log.info("next: %s", next_command(cfg.stage, args.config, args.overrides))
     return 0
+
+
+def _info(args: argparse.Namespace, cfg) -> str:
+    from hat.config import search_path
+
+    return "\n".join([f"config: {Path(args.config).resolve()}",
+                      "search path (defaults: entries): " + ", ".join(map(str, search_path(args.config))),
+                      f"overrides: {' '.join(_overrides(args)) or '(none)'}", f"stage: {cfg.stage}",
+                      f"work_dir: {cfg.work_dir} (each stage writes work_dir/<stage>/)",
+                      f"imports: {list(cfg.imports or [])}", ""])
 
 
 def next_command(stage: str, config: str, overrides: Sequence[str]) -> str:

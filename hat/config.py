@@ -103,6 +103,10 @@ def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictC
     if not path.is_file():
         raise ConfigError(f"config file not found: {config_file} (give a path like projects/digits/convnet.yaml)")
     path = path.resolve()
+    hydra_keys = [o for o in overrides if o.lstrip("+~").startswith("hydra.")]
+    if hydra_keys:
+        raise ConfigError(f"override {hydra_keys[0]!r}: hat does not use Hydra's own settings (hydra.run.dir, "
+                          f"hydra.job...): each stage writes into work_dir/<stage>/; set work_dir=... instead")
     search = [f"file://{p}" for p in _base_dirs(path)]
     GlobalHydra.instance().clear()
     try:
@@ -202,6 +206,12 @@ def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(OmegaConf.to_yaml(cfg).encode()))
+
+
+def search_path(config_file: str | Path) -> list[Path]:
+    """Where `defaults:` entries of a config are looked up: its own folder, then every `_base_` above it."""
+    path = Path(config_file).resolve()
+    return [path.parent, *_base_dirs(path)]
 
 
 def _base_dirs(path: Path) -> list[Path]:
