@@ -5,7 +5,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -89,12 +89,14 @@ class CheckpointCallback(Callback):
 class TensorBoardCallback(Callback):
     """Scalars under `log_dir`: train/loss (and each term of a loss dict), train/lr, train/grad_norm,
     train/images_per_sec (all ranks) and eval metrics; `notes` (e.g. how the LR was scaled) as text; after each
-    evaluation the images `preview(trainer)` draws (a detector's boxes, a segmentor's masks) as val/predictions."""
+    evaluation the images `preview(trainer)` draws (a detector's boxes, a segmentor's masks) as val/predictions; at
+    the end `hparams(writer, metrics)` (the run's settings with its last metrics)."""
 
     def __init__(self, log_dir: str | Path, log_interval: int = 10, notes: Optional[dict[str, str]] = None,
-                 preview: Optional[Callable[[Trainer], Optional[torch.Tensor]]] = None):
+                 preview: Optional[Callable[[Trainer], Optional[torch.Tensor]]] = None,
+                 hparams: Optional[Callable[[Any, dict], None]] = None):
         self.log_dir, self.log_interval, self.notes = Path(log_dir), max(1, log_interval), dict(notes or {})
-        self.preview = preview
+        self.preview, self.hparams = preview, hparams
         self.writer = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -129,6 +131,8 @@ class TensorBoardCallback(Callback):
         self._mark(trainer)  # evaluation time is not training throughput
 
     def after_train(self, trainer: Trainer) -> None:
+        if self.hparams is not None and trainer.metrics:
+            self.hparams(self.writer, trainer.metrics)
         self.writer.close()
 
     def _mark(self, trainer: Trainer) -> None:
@@ -136,14 +140,17 @@ class TensorBoardCallback(Callback):
 
 
 class ProgressCallback(Callback):
-    """A tqdm bar per epoch (loss, lr, images/s) when `bar`, and one log line per epoch always."""
+    """A tqdm bar per epoch (loss, lr, images/s) when `bar`, and one log line per epoch always, ending with the
+    time the stage still needs (its epochs so far, evaluation included, times the epochs left)."""
 
     def __init__(self, bar: bool = True, refresh_every: int = 5):
         self.bar_enabled, self.refresh_every = bar, refresh_every
         self.bar = None
+        self.first: Optional[tuple[float, int]] = None  # (time, epoch) when this run's first epoch began
 
     def before_epoch(self, trainer: Trainer) -> None:
         self.start = self.last_step = time.perf_counter()
+        self.first = self.first or (self.start, trainer.epoch)
         self.seen = trainer.images_seen
         if self.bar_enabled:
             from tqdm import tqdm
@@ -165,8 +172,17 @@ class ProgressCallback(Callback):
             self.bar.close()
         metrics = " ".join(f"{k} {v:.4g}" for k, v in trainer.metrics.items())
         loss = float(trainer.loss) if trainer.loss is not None else float("nan")
-        log.info("epoch %d/%d  step %d  loss %.4f  lr %.3g  %.0f img/s  %s", trainer.epoch, trainer.epochs,
-                 trainer.step, loss, trainer.lr, self._throughput(trainer, self.last_step), metrics)
+        log.info("epoch %d/%d  step %d  loss %.4f  lr %.3g  %.0f img/s  %s%s", trainer.epoch, trainer.epochs,
+                 trainer.step, loss, trainer.lr, self._throughput(trainer, self.last_step), metrics, self._eta(trainer))
+
+    def _eta(self, trainer: Trainer) -> str:
+        (started, first_epoch), left = self.first, trainer.epochs - trainer.epoch
+        done = trainer.epoch - first_epoch
+        if left <= 0 or done <= 0:
+            return ""
+        seconds = int((time.perf_counter() - started) / done * left)
+        return f"  ETA {seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+            f"  ETA {seconds // 60}m{seconds % 60:02d}s"
 
     def _throughput(self, trainer: Trainer, now: float) -> float:
         return (trainer.images_seen - self.seen) / max(now - self.start, 1e-9)

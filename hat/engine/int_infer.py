@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 from hat import backend
 from hat.backend.j5.checker import ModelCheckError, Report, export_requested
 from hat.data import build_dataset, build_loader
+from hat.engine.stage_events import stage_writer, write_hparams
 from hat.engine.quant_stages import calibrate, load_quantized_weights, prepared_model, previous_weights
 from hat.engine.stages import build_evaluator, build_model
 from hat.evaluation import Accuracy, Evaluator
@@ -187,4 +188,9 @@ def int_infer_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> di
     table = accuracy_table(Path(cfg.work_dir), metrics, keys)
     (out_dir / "summary.md").write_text(f"# {cfg.model.type} on {cfg.data.val.type}\n\n{table}\n\n{report}\n")
     print(table)
+    with stage_writer(out_dir) as writer:  # int_infer runs on rank 0 alone
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, 0)
+        writer.add_text("int_infer/accuracy", table, 0)
+        write_hparams(writer, cfg, metrics)
     return metrics

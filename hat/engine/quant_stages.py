@@ -14,6 +14,7 @@ from hat.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from hat.config import save_config
 from hat.data import build_dataset, build_loader
 from hat.engine import distributed
+from hat.engine.stage_events import stage_writer, write_hparams, write_quantizer_ranges
 from hat.engine.stages import (RECIPE_KEYS, build_evaluator, build_model, build_trainer, config_differences, fit,
                                resume_trainer)
 from hat.engine.trainer import Callback, Trainer, evaluate
@@ -131,6 +132,12 @@ def calibration_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> 
     if w.is_main:
         state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg), "metrics": metrics}
         save_checkpoint(state, out_dir / "best.pt")
+    with stage_writer(out_dir) as writer:
+        if writer is not None:
+            write_quantizer_ranges(writer, model)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, 0)
+            write_hparams(writer, cfg, metrics)
     return metrics
 
 

@@ -24,6 +24,7 @@ from hat.engine import distributed
 from hat.engine.batch import to_device
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
 from hat.engine.preview import preview
+from hat.engine.stage_events import write_hparams
 from hat.engine.runtime import keep_freed_memory, seed_everything
 from hat.engine.workdir import claimed_stage_folder
 from hat.engine.optim import build_optimizer
@@ -135,7 +136,8 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
         callbacks += [CheckpointCallback(out_dir, OmegaConf.to_yaml(cfg), t.best_metric or evaluator.main_metric,
                                          t.best_mode),
                       TensorBoardCallback(out_dir / "tb", t.log_interval, {"lr": lr_line},
-                                          lambda trainer: preview(trainer.bare_model, shown, names, eval_context)),
+                                          lambda trainer: preview(trainer.bare_model, shown, names, eval_context),
+                                          hparams=lambda writer, metrics: write_hparams(writer, cfg, metrics)),
                       ProgressCallback(t.progress_bar)]
     model = distributed.wrap_model(model, device, t.sync_bn)
     trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,

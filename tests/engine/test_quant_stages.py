@@ -41,6 +41,18 @@ def test_float_calibration_qat_int_infer_keep_float_accuracy(digits_cfg, tmp_pat
     assert check_model_main(["--config", str(DIGITS), f"work_dir={tmp_path}"]) == 0
     assert f"weights from {tmp_path}/qat/best.pt\ndeployable on bayes" in capsys.readouterr().out
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {stage: EventAccumulator(str(tmp_path / stage / "tb")).Reload().Tags()
+            for stage in ("float", "calibration", "qat", "int_infer")}  # every stage writes TensorBoard events
+    for stage in ("float", "qat"):
+        assert {"train/loss", "val/top1", "hparams/val/top1"} <= set(tags[stage]["scalars"])
+    assert {"val/top1", "calibration/range/backbone.0.0", "hparams/val/top1"} <= set(tags["calibration"]["scalars"])
+    assert {"calibration/activation_scales", "calibration/weight_scales"} <= set(tags["calibration"]["histograms"])
+    assert {"val/top1", "val/top1_qat", "val/top1_quantized", "val/bit_exact_mismatches"} <= \
+        set(tags["int_infer"]["scalars"])
+    assert "int_infer/accuracy/text_summary" in tags["int_infer"]["tensors"]
+
     # FAQ 2.3 Q3: tools/export_onnx.py for each model kind; onnxruntime keeps the accuracy
     ort = pytest.importorskip("onnxruntime")
     images, labels = (torch.cat(t) for t in zip(*build_loader(build_dataset(digits_cfg().data, "val"),
