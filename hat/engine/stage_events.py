@@ -33,8 +33,13 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 
 def write_hparams(writer, cfg: DictConfig, metrics: dict[str, float]) -> None:
     """The stage's settings with its results (`hparams/<metric>`), in the same folder as its curves."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
     results = {f"hparams/{key}": float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
-    writer.add_hparams(hparams(cfg), results, run_name=".")
+    for summary in hparams_summary(hparams(cfg), results):  # into this writer's file: one event file per run
+        writer.file_writer.add_summary(summary)
+    for tag, value in results.items():
+        writer.add_scalar(tag, value, 0)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Multi-process training as users launch it: torchrun over loopback, gloo on the CPU."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -111,12 +112,12 @@ def test_qat_on_two_ranks_matches_one_process_and_only_rank_0_writes(runs):
 def test_validation_metrics_are_those_of_the_whole_set(runs):
     """Each rank evaluates a shard; the all-reduced numbers equal one process evaluating the saved checkpoint."""
     _, two, logs = runs
-    done = re.search(r"stage qat done: val/loss (\S+)  val/top1 (\S+)", logs["qat2"])
+    reported = json.loads((two / "qat" / "metrics.json").read_text())  # the last epoch's: last.pt's
     predicted = subprocess.run([sys.executable, "tools/predict.py", "--config", str(DIGITS), "--stage", "qat",
                                 f"work_dir={two}", "--ckpt", str(two / "qat" / "last.pt")], cwd=ROOT,
                                capture_output=True, text=True, timeout=120, env=_env())
     top1 = re.search(r"val/top1 (\S+)", predicted.stdout)
-    assert abs(float(done.group(2)) - float(top1.group(1))) < 0.01, predicted.stdout + predicted.stderr
+    assert abs(reported["val/top1"] - float(top1.group(1))) < 0.01, predicted.stdout + predicted.stderr
 
 
 def _nodes(tmp_path: Path, *overrides: str) -> list[subprocess.Popen]:
@@ -225,12 +226,12 @@ def test_a_detector_on_two_ranks_reports_the_map_of_the_whole_val_set(tmp_path):
                  "data.batch_size=8", "trainer.progress_bar=false", "trainer.epochs=5"]
     log = _ok(subprocess.run(torchrun_command("tools/train.py", "--config", str(config), *overrides), cwd=ROOT,
                              capture_output=True, text=True, timeout=180, env=_env()))
-    job = re.search(r"stage float done: val/loss \S+  val/mAP (\S+)  val/mAP50 (\S+)", log)
+    reported = json.loads((tmp_path / "run" / "float" / "metrics.json").read_text())  # the last epoch's: last.pt's
     predicted = subprocess.run([sys.executable, "tools/predict.py", "--config", str(config), "--stage", "float",
                                 "--ckpt", str(tmp_path / "run" / "float" / "last.pt"), *overrides], cwd=ROOT,
                                capture_output=True, text=True, timeout=120, env=_env())
     alone = re.search(r"val/mAP (\S+)  val/mAP50 (\S+)", predicted.stdout)
-    assert job and alone, log[-2000:] + predicted.stdout + predicted.stderr[-2000:]
+    assert alone, log[-2000:] + predicted.stdout + predicted.stderr[-2000:]
     assert float(alone.group(2)) > 0, "nothing detected: the comparison would be 0 == 0"
-    assert abs(float(job.group(1)) - float(alone.group(1))) < 0.01 and abs(float(job.group(2)) -
-                                                                            float(alone.group(2))) < 0.01
+    assert abs(reported["val/mAP"] - float(alone.group(1))) < 0.01
+    assert abs(reported["val/mAP50"] - float(alone.group(2))) < 0.01
