@@ -6,7 +6,7 @@ import torch
 
 from hat.checkpoint import save_checkpoint
 from hat.cli import zoo_main
-from hat.errors import CheckpointError, ConfigError
+from hat.errors import CheckpointError, ConfigError, RegistryError
 from hat.models import create_model, zoo, zoo_index
 from hat.models.zoo_index import read_index, sha256, zoo_dir
 from tests.conftest import DIGITS
@@ -133,3 +133,11 @@ def test_removing_a_zoo_entry_that_leads_outside_the_zoo_deletes_nothing(hostile
     err = capsys.readouterr().err
     assert err.startswith("error: zoo entry 'evil' in ") and "nothing was read or deleted" in err
     assert err.count("\n") == 1 and victim.is_file() and _snapshot(project[0]) == before  # index, link, victim kept
+
+
+def test_a_misspelled_zoo_name_gets_a_did_you_mean_among_the_entries(project, capsys):
+    work_dir, _ = project
+    assert zoo_main(["register", "--config", str(DIGITS), f"work_dir={work_dir}"]) == 0
+    with pytest.raises(RegistryError, match=r"'digits_convnet_smal' is neither a registered model nor a local zoo "
+                                            r"entry\. Did you mean 'digits_convnet_small'"):
+        create_model("digits_convnet_smal", pretrained=True)
