@@ -2,9 +2,10 @@
 
 `prepare(op, params)` returns a callable of the node's runtime inputs. conv2d and linear on int8 CPU inputs run as
 int8 x int8 -> int32 GEMMs (torch._int_mm: exact integer sums; im2col rows in channels-last order, 1x1 convs
-without im2col), grouped convs one GEMM per group; depthwise convs and int16 inputs as the reference's exact float
-convs. One fused pass (hat::gemm_epilogue) then adds the bias, saturates to int32, applies relu and requantizes.
-Convs return channels-last tensors, which the next conv reads without a copy.
+without im2col), grouped convs one GEMM per group; depthwise convs in int32 (hat::depthwise_conv2d); int16 inputs
+as the reference's exact float convs. One fused pass (hat::gemm_epilogue) then adds the bias, saturates to int32,
+applies relu and requantizes. The add of two activations is one fused pass too (hat::add_requantize), max pooling a
+running maximum over taps. Convs return channels-last tensors, which the next conv reads without a copy.
 
 Everything else runs the reference kernel (hat.integer.kernels), which defines the arithmetic: other ops, other
 devices, no compiled hat._C, a layer whose int32 sums could overflow, and machines whose int8 GEMM fails the
@@ -139,7 +140,7 @@ class _Conv2d(_GemmLayer):
         if self.gemm and x.dtype == torch.int8:
             rows, height, width = self._im2col(x)
             acc = self.gemm_sums(rows, rows.shape[1] // self.groups)
-        else:  # depthwise, int16 inputs: the reference's exact float conv, on channels-last data
+        else:  # int16 inputs, channel multipliers, many groups: the reference's exact float sums
             acc = self._float_sums(x)
             height, width = acc.shape[2:]
             acc = acc.permute(0, 2, 3, 1).reshape(-1, acc.shape[1])
@@ -179,8 +180,6 @@ class _Conv2d(_GemmLayer):
 
 
 class _Linear(_GemmLayer):
-    channel_axis = -1
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return kernels.linear(x, **self.params)
@@ -188,9 +187,7 @@ class _Linear(_GemmLayer):
         if self.gemm and x.dtype == torch.int8:
             acc = self.gemm_sums(rows, rows.shape[1])
         else:
-            weight = self.params["weight"]
-            acc = kernels._accumulate(F.linear, rows, weight, -1,
-                                      **kernels.accumulate_plan(weight, dtype_name(x.dtype)))
+            acc = kernels.linear_sums(rows, self.params["weight"])
         return self.finish(acc).reshape(*x.shape[:-1], -1)
 
 

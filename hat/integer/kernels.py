@@ -98,8 +98,13 @@ def linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, relu: b
            multiplier: Optional[torch.Tensor], shift: Optional[torch.Tensor], acc_max: Optional[torch.Tensor],
            out_max: Optional[int], out_dtype: str) -> torch.Tensor:
     """x @ W^T exactly in integers, int32 bias, relu; requantized (or the int32 accumulator)."""
-    acc = _accumulate(F.linear, x, weight, -1, **accumulate_plan(weight, dtype_name(x.dtype)))
+    acc = linear_sums(x, weight)
     return _finish(acc, bias, -1, relu, multiplier, shift, acc_max, out_max, out_dtype)
+
+
+def linear_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ W^T's exact integer sums as int64, the float matmuls chosen by accumulate_plan."""
+    return _accumulate(F.linear, x, weight, -1, **accumulate_plan(weight, dtype_name(x.dtype)))
 
 
 def _accumulate(compute: Callable, x: torch.Tensor, weight: torch.Tensor, input_axis: int, accumulate: str,
