@@ -67,6 +67,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.23",
         "pycocotools>=2.0",
+        "matplotlib>=3.5",
     ],
     extras_require={"dev": ["pytest>=7", "ninja", "onnx", "onnxscript", "onnxruntime"]},
     **_build_config(),

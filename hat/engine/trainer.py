@@ -211,7 +211,7 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
              evaluator: Optional[Evaluator] = None) -> dict[str, float]:
     """Mean loss and the evaluator's metrics (default: top-1 %) of `model(images, targets) -> (loss, outputs)` over
     `loader`; the evaluator sees `model.postprocess(outputs)` when the model has one (boxes after NMS, per-pixel
@@ -230,6 +230,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         count += len(images)
         evaluator.update(postprocess(outputs) if postprocess is not None else outputs, targets)
     model.train(was_training)
-    if getattr(loader.sampler, "num_replicas", 1) > 1:  # a shard: sum with the other ranks' shards
+    if getattr(getattr(loader, "sampler", None), "num_replicas", 1) > 1:  # a shard: add the other ranks' shards
         loss_sum, count = distributed.all_reduce_sum([loss_sum, count])
     return {"val/loss": loss_sum / max(1, count), **evaluator.compute()}

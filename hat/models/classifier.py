@@ -1,6 +1,7 @@
 """The classifier structure: backbone + head (the deploy part) + loss and auxiliary heads (training only)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -59,5 +60,7 @@ class Classifier(nn.Module):
         return loss, logits
 
     def deploy_model(self) -> nn.Sequential:
-        """The part that runs on the device: shares parameters with this model."""
-        return nn.Sequential(self.quant, self.backbone, self.head, self.dequant)
+        """The part that runs on the device: shares parameters with this model, and its module names (`backbone.0`,
+        `head.2`), so reports on the deploy part name layers as the config's `quant.*_modules` do."""
+        return nn.Sequential(OrderedDict(quant=self.quant, backbone=self.backbone, head=self.head,
+                                         dequant=self.dequant))

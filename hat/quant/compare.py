@@ -1,20 +1,36 @@
-"""compare: per-layer SQNR and cosine similarity between two versions of a model (float / QAT / quantized).
+"""compare: per-layer SQNR, cosine similarity and max error (in grid steps) between two versions of a model.
 
 The tool for "where did my accuracy go": run the same input through both, and find the first layer whose
 output drifts. Float models are fused on a copy first, so a conv+bn+relu group is compared at the same point.
+Layers are named as in `model.named_modules()` (a deploy part of the zoo's structures keeps the full model's
+names: `backbone.1.conv`), and several batches accumulate into one number per layer (`LayerStats`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from hat.integer.kernels import along_axis
+from hat.quant.fake_quantize import FakeQuantize
 from hat.quant.fuse import fuse_sequential_patterns
+from hat.quant.observer import MinMaxObserver
 from hat.quant.prepare import copy_model
-from hat.quant.qtensor import dequantize
+from hat.quant.qtensor import QTensor
+from hat.table import format_table
+
+
+@dataclass
+class Recorded:
+    """One module's output: its type, the values as float64 and, when quantized, its scale (and channel axis)."""
+
+    kind: str
+    value: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    axis: int = 1
 
 
 @dataclass
@@ -24,6 +40,7 @@ class LayerDiff:
     module_b: str
     sqnr_db: float  # 10 log10(|a|^2 / |a - b|^2); inf when equal
     cosine: float
+    max_error_lsb: float = math.nan  # max |a - b| in steps of b's grid (else a's); nan when both are float
 
 
 class CompareReport(list):
@@ -33,38 +50,65 @@ class CompareReport(list):
         return sorted(self, key=lambda d: d.sqnr_db)[:n]
 
     def __str__(self) -> str:
-        rows = [("layer", "module a", "module b", "SQNR dB", "cosine")]
-        rows += [(d.name, d.module_a, d.module_b, f"{d.sqnr_db:.1f}", f"{d.cosine:.5f}") for d in self]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        rows = [("layer", "module a", "module b", "SQNR dB", "cosine", "max err LSB")]
+        rows += [(d.name, d.module_a, d.module_b, f"{d.sqnr_db:.1f}", f"{d.cosine:.5f}", f"{d.max_error_lsb:.2f}")
+                 for d in self]
+        return format_table(rows)
+
+
+@dataclass
+class LayerStats:
+    """Sums over batches for one layer pair, so that the SQNR and cosine are those of all batches together."""
+
+    kinds: tuple[str, str]
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    norm_b: float = 0.0
+    max_lsb: float = field(default=math.nan)
+
+    def add(self, a: Recorded, b: Recorded) -> None:
+        self.signal += float((a.value ** 2).sum())
+        self.noise += float(((a.value - b.value) ** 2).sum())
+        self.dot += float((a.value * b.value).sum())
+        self.norm_b += float((b.value ** 2).sum())
+        grid = b if b.scale is not None else a
+        if grid.scale is not None:
+            scale = along_axis(grid.scale.double(), a.value, grid.axis) if grid.scale.numel() > 1 else grid.scale
+            lsb = float(((a.value - b.value).abs() / scale.double()).max()) if a.value.numel() else 0.0
+            self.max_lsb = lsb if math.isnan(self.max_lsb) else max(self.max_lsb, lsb)
+
+    def diff(self, name: str) -> LayerDiff:
+        sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-30) / self.noise)
+        cosine = self.dot / max(math.sqrt(self.signal * self.norm_b), 1e-30)
+        return LayerDiff(name, *self.kinds, sqnr, cosine, self.max_lsb)
+
+
+def prepare_for_compare(model: nn.Module) -> nn.Module:
+    """A fused eval copy of `model`, whose modules line up with a QAT/quantized model's by name."""
+    model = copy_model(model).eval()
+    fuse_sequential_patterns(model)
+    return model
 
 
 @torch.no_grad()
-def compare(model_a: nn.Module, model_b: nn.Module, inputs: Sequence[torch.Tensor]) -> CompareReport:
-    """Outputs of every module present (by name) in both models, compared on `inputs` (a tuple of args)."""
-    outputs = []
-    for model in (model_a, model_b):
-        model = copy_model(model).eval()
-        fuse_sequential_patterns(model)
-        outputs.append(_record(model, inputs))
-    report = CompareReport()
-    for name, (kind_a, a) in outputs[0].items():
-        if name in outputs[1] and outputs[1][name][1].shape == a.shape:
-            kind_b, b = outputs[1][name]
-            if kind_a == kind_b == "Identity":  # placeholders left by fusion repeat the row above
-                continue
-            report.append(LayerDiff(name, kind_a, kind_b, _sqnr(a, b), _cosine(a, b)))
-    return report
-
-
-def _record(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
-    seen: dict[str, tuple[str, torch.Tensor]] = {}
+def record(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, Recorded]:
+    """The output of every module of `model` on `inputs` (a tuple of args), by name, in execution order. A module
+    that returns its last child's output unchanged (a container, an Identity left by fusion) is not repeated."""
+    seen: dict[str, Recorded] = {}
+    last: list = [None]
     hooks = []
     for name, module in model.named_modules():
+        if isinstance(module, (FakeQuantize, MinMaxObserver)):
+            continue
+
         def hook(mod, args, output, name=name):
-            value = dequantize(output)
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                seen[name or "(output)"] = (type(mod).__name__, value.detach().double())
+            if output is last[0] or (isinstance(mod, nn.Identity) and args and output is args[0]):
+                return
+            last[0] = output
+            found = _recorded(type(mod).__name__, output)
+            if found is not None:
+                seen[name or "(output)"] = found
         hooks.append(module.register_forward_hook(hook))
     try:
         model(*inputs)
@@ -74,10 +118,28 @@ def _record(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, tuple
     return seen
 
 
-def _sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    noise = float(((a - b) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(float((a ** 2).sum()), 1e-30) / noise)
+def _recorded(kind: str, output) -> Optional[Recorded]:
+    if isinstance(output, QTensor):
+        return Recorded(kind, output.dequantize().detach().double(), output.scale.detach(), output.axis)
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return Recorded(kind, output.detach().double())
+    return None
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+def diff_layers(batches: Iterable[tuple[dict[str, Recorded], dict[str, Recorded]]]) -> CompareReport:
+    """Per layer present in both recordings (by name, same shape), over every batch's pair of recordings; in the
+    first recording's order."""
+    stats: dict[str, LayerStats] = {}
+    for recorded_a, recorded_b in batches:
+        for name, a in recorded_a.items():
+            b = recorded_b.get(name)
+            if b is not None and b.value.shape == a.value.shape:
+                stats.setdefault(name, LayerStats((a.kind, b.kind))).add(a, b)
+    return CompareReport(s.diff(name) for name, s in stats.items())
+
+
+@torch.no_grad()
+def compare(model_a: nn.Module, model_b: nn.Module, inputs: Sequence[torch.Tensor]) -> CompareReport:
+    """Outputs of every module present (by name) in both models, compared on `inputs` (a tuple of args)."""
+    a, b = prepare_for_compare(model_a), prepare_for_compare(model_b)
+    return diff_layers([(record(a, inputs), record(b, inputs))])

@@ -224,3 +224,25 @@ def frozen_for_export(model: nn.Module) -> Iterator[nn.Module]:
             m.fake_quant_enabled.copy_(fake_quant)
             m.observer_enabled.copy_(observe)
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def simulated_dtype(fake_quant: FakeQuantize, dtype: str) -> Iterator[FakeQuantize]:
+    """`fake_quant` on `dtype`'s grid over the range it has now (what calibrating it as `dtype` with a min/max
+    observer gives), until the block ends: "what if this layer were int16" without recalibrating."""
+    saved = (fake_quant.dtype, fake_quant.quant_min, fake_quant.quant_max, fake_quant.scale.detach().clone(),
+             getattr(fake_quant, "divisor", None))
+    ratio = scale_divisor(fake_quant.dtype) / scale_divisor(dtype)
+    fake_quant.dtype, (fake_quant.quant_min, fake_quant.quant_max) = dtype, qrange(dtype)
+    with torch.no_grad():
+        fake_quant.scale.mul_(ratio)
+    if isinstance(fake_quant, PACTFakeQuantize):
+        fake_quant.divisor = scale_divisor(dtype)
+    try:
+        yield fake_quant
+    finally:
+        fake_quant.dtype, fake_quant.quant_min, fake_quant.quant_max = saved[:3]
+        with torch.no_grad():
+            fake_quant.scale.copy_(saved[3])
+        if saved[4] is not None:
+            fake_quant.divisor = saved[4]

@@ -17,6 +17,7 @@ from hat.quant.fuse import FusedLayer, find_sequential_groups
 from hat.integer.profile import get_profile
 from hat.quant.march import get_march
 from hat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+from hat.table import format_table
 
 ALGORITHMS = ("fake_quant", "lsq", "pact")
 
@@ -165,5 +166,4 @@ def qconfig_report(model: nn.Module, qconfig_dict: Optional[dict[str, Any]]) -> 
             output, weight = qconfig.describe() if qconfig else ("float (not quantized)", "float")
             has_weight = isinstance(getattr(module, "weight", None), nn.Parameter)
             rows.append((name, type(module).__name__, output, weight if has_weight else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return format_table(rows)

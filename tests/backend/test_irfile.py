@@ -138,7 +138,7 @@ _NESTED = 100_000
 
 @pytest.mark.parametrize("edit, message", [
     (lambda h: _first_conv(h)["params"].update(stride="ab"),
-     r"node 1 \(conv2d, module '1.0.0'\): parameter 'stride' is 'ab', expected an int or a list of 1-2 ints in "
+     r"node 1 \(conv2d, module 'backbone.0.0'\): parameter 'stride' is 'ab', expected an int or a list of 1-2 ints in "
      r"\[1, 256\]; the file was edited or is corrupt: recompile"),
     (lambda h: _first_conv(h)["params"].update(padding=[-1, -1]), r"parameter 'padding' is \[-1, -1\].*\[0, 256\]"),
     (lambda h: _first_conv(h)["params"].update(padding=[200000, 200000]), r"'padding' is \[200000, 200000\]"),

@@ -22,11 +22,13 @@ def test_compare_lists_every_common_layer_in_order_with_sqnr_and_cosine():
     model, qat, x = _models()
     report = quant.compare(model, qat, (x,))
     names = [d.name for d in report]
-    assert names[:2] == ["quant", "backbone.0.0"] and names[-1] == "(output)"
+    assert names[:2] == ["quant", "backbone.0.0"] and names[-1] == "head.2"
     assert not any(d.module_a == "Identity" for d in report)
+    assert "backbone.0" not in names and "backbone" not in names  # containers repeat their last layer: left out
     fused = next(d for d in report if d.name == "backbone.0.0")
     assert (fused.module_a, fused.module_b) == ("FusedLayer", "QATConv2d")
     assert all(20 < d.sqnr_db < math.inf and 0.99 < d.cosine <= 1.0 for d in report)
+    assert report[0].max_error_lsb <= 0.5 + 1e-9  # the input, in range: only rounding, at most half a step
     assert "SQNR dB" in str(report).splitlines()[0] and len(str(report).splitlines()) == len(report) + 1
 
 
@@ -50,3 +52,17 @@ def test_compare_sees_float_functional_adds():
     quant.set_fake_quant_state(qat, "validation")
     rows = {d.name: d for d in quant.compare(model, qat, (x,))}
     assert (rows["backbone.1.add"].module_a, rows["backbone.1.add"].module_b) == ("FloatFunctional", "QATFloatFunctional")
+
+
+
+def test_several_batches_give_one_number_per_layer_over_all_of_them():
+    from hat.quant.compare import diff_layers, prepare_for_compare, record
+
+    model, qat, x = _models()
+    a, b = prepare_for_compare(model), prepare_for_compare(qat)
+    halves = diff_layers([(record(a, (part,)), record(b, (part,))) for part in x.split(8)])
+    whole = quant.compare(model, qat, (x,))
+    assert [d.name for d in halves] == [d.name for d in whole]
+    for h, w in zip(halves, whole):
+        assert math.isclose(h.sqnr_db, w.sqnr_db, rel_tol=1e-9) and math.isclose(h.cosine, w.cosine, rel_tol=1e-9)
+        assert math.isclose(h.max_error_lsb, w.max_error_lsb, rel_tol=1e-9)

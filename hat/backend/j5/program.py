@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from hat.integer import fast
-from hat.integer.kernels import KERNELS
+from hat.integer.kernels import KERNELS, dequantize
 from hat.errors import HatError
+from hat.quant.compare import Recorded
 
 TENSOR_REF = "$tensor"  # a node parameter {"$tensor": name} refers to Program.tensors[name]
 
@@ -69,6 +70,28 @@ class Program:
         """Float inputs (shapes as compiled, any batch) -> float outputs, bit-exact with the quantized model and in
         its form: a dict with the model's output names when the model returned one, else a tensor or a tuple.
         reference=True runs the reference kernels instead of the fast executor (same integers, slower)."""
+        return self._outputs(self._execute(inputs, reference))
+
+    __call__ = run
+
+    def module_outputs(self, *inputs: torch.Tensor) -> dict[str, Recorded]:
+        """Each model module's output in the program (its last node's value), dequantized, with the node's op and
+        the value's scale: the program's side of a per-layer comparison with the models (hat.quant.compare)."""
+        env = self._execute(inputs, reference=False)
+        last = {node.module: node for node in self.nodes if node.module}
+        found = {}
+        for module, node in last.items():
+            value, data = self.values[node.output], env[node.output]
+            if data.is_floating_point():
+                found[module] = Recorded(node.op, data.double())
+            else:
+                scale = torch.tensor(value.scale, dtype=torch.float64)
+                found[module] = Recorded(node.op, dequantize(data, scale=scale, axis=value.axis).double(), scale,
+                                         value.axis)
+        return found
+
+    def _execute(self, inputs: tuple, reference: bool) -> dict[str, torch.Tensor]:
+        """Every value of one run, by name."""
         env = self._bind(inputs)
         if reference:
             for node, params in zip(self.nodes, self._resolved_params()):
@@ -76,9 +99,7 @@ class Program:
         else:
             for node, execute in zip(self.nodes, self.executors()):
                 env[node.output] = execute(*(env[name] for name in node.inputs))
-        return self._outputs(env)
-
-    __call__ = run
+        return env
 
     def executors(self) -> list[fast.Executor]:
         """Each node's fast executor, its weights packed (built once: at load, or at the first run)."""
