@@ -43,6 +43,7 @@ class TrainerSchema:
     dist_timeout_s: float = 300.0  # under torchrun: a rank waiting this long for another fails instead of hanging
     best_metric: Optional[str] = None  # the validation metric best.pt follows; null: the evaluator's main metric
     best_mode: str = "max"  # max | min: whether a larger or a smaller best_metric is better
+    histogram_interval: int = 1  # epochs between TensorBoard histograms of the weights (QAT: and scales); 0: none
 
 
 @dataclasses.dataclass
@@ -165,7 +166,7 @@ def _check_top_level(part: Optional[DictConfig], source: str) -> None:
 
 MAX_SEED = 2**31 - 1  # 32-bit seeds (numpy) with room for the rank and the epoch added to them
 _AT_LEAST = {"quant.calibration_batches": 1, "trainer.dist_timeout_s": 1, "trainer.epochs": 1, "trainer.accum_steps": 1,
-             "trainer.log_interval": 1, "trainer.eval_interval": 1,
+             "trainer.log_interval": 1, "trainer.eval_interval": 1, "trainer.histogram_interval": 0,
              "data.batch_size": 1, "data.val_batch_size": 1, "data.num_workers": 0}
 
 

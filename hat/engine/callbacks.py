@@ -90,13 +90,16 @@ class TensorBoardCallback(Callback):
     """Scalars under `log_dir`: train/loss (and each term of a loss dict), train/lr, train/grad_norm,
     train/images_per_sec (all ranks) and eval metrics; `notes` (e.g. how the LR was scaled) as text; after each
     evaluation the images `preview(trainer)` draws (a detector's boxes, a segmentor's masks) as val/predictions; at
-    the end `hparams(writer, metrics)` (the run's settings with its last metrics)."""
+    the end `hparams(writer, metrics)` (the run's settings with its last metrics); every `histogram_interval` epochs
+    `histograms(writer, trainer)` (weights, quantizer scales)."""
 
     def __init__(self, log_dir: str | Path, log_interval: int = 10, notes: Optional[dict[str, str]] = None,
                  preview: Optional[Callable[[Trainer], Optional[torch.Tensor]]] = None,
-                 hparams: Optional[Callable[[Any, dict], None]] = None):
+                 hparams: Optional[Callable[[Any, dict], None]] = None,
+                 histograms: Optional[Callable[[Any, Trainer], None]] = None, histogram_interval: int = 0):
         self.log_dir, self.log_interval, self.notes = Path(log_dir), max(1, log_interval), dict(notes or {})
         self.preview, self.hparams = preview, hparams
+        self.histograms, self.histogram_interval = histograms, histogram_interval
         self.writer = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -127,6 +130,8 @@ class TensorBoardCallback(Callback):
         drawn = self.preview(trainer) if self.preview is not None and trainer.metrics else None
         if drawn is not None:
             self.writer.add_images("val/predictions", drawn, trainer.step)
+        if self.histograms is not None and self.histogram_interval > 0 and trainer.epoch % self.histogram_interval == 0:
+            self.histograms(self.writer, trainer)
         self.writer.flush()
         self._mark(trainer)  # evaluation time is not training throughput
 

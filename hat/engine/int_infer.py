@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -186,11 +187,36 @@ def int_infer_stage(cfg: DictConfig, out_dir: Path, resume: Optional[str]) -> di
     metrics = evaluate_program(program, loader, evaluator, postprocess, qat_model, qmodel)
     keys = [key for key in metrics if f"{key}_quantized" in metrics]  # the evaluator's, e.g. val/mAP, val/mAP50
     table = accuracy_table(Path(cfg.work_dir), metrics, keys)
-    (out_dir / "summary.md").write_text(f"# {cfg.model.type} on {cfg.data.val.type}\n\n{table}\n\n{report}\n")
+    layers = per_layer_error(cfg, qat_model, qmodel, program, example)
+    layer_text = f"\n\n## Per-layer error (one validation batch)\n\n```\n{layers}\n```" if layers else ""
+    (out_dir / "summary.md").write_text(f"# {cfg.model.type} on {cfg.data.val.type}\n\n{table}{layer_text}\n\n"
+                                        f"{report}\n")
     print(table)
     with stage_writer(out_dir) as writer:  # int_infer runs on rank 0 alone
         for key, value in metrics.items():
             writer.add_scalar(key, value, 0)
         writer.add_text("int_infer/accuracy", table, 0)
+        if layers:
+            for row in layers:
+                sqnr = row.diffs.get(("float", "qat"))
+                if sqnr is not None and math.isfinite(sqnr.sqnr_db):
+                    writer.add_scalar(f"int_infer/sqnr_db/{row.layer}", sqnr.sqnr_db, 0)
+            writer.add_text("int_infer/layers", "\n".join(f"    {line}" for line in str(layers).splitlines()), 0)
         write_hparams(writer, cfg, metrics)
     return metrics
+
+
+def per_layer_error(cfg: DictConfig, qat_model: nn.Module, qmodel: nn.Module, program: backend.Program,
+                    images: torch.Tensor):
+    """Each layer's float-vs-QAT-vs-quantized-vs-program similarity on `images` (hat.debug), or None without the
+    float checkpoint to compare with."""
+    from hat.checkpoint import load_checkpoint, load_weights
+    from hat.debug.similarity import layer_similarity
+
+    path = Path(cfg.work_dir) / "float" / "best.pt"
+    if not path.is_file():
+        log.info("no %s: the per-layer error table needs the float checkpoint, skipped", path)
+        return None
+    model = build_model(cfg)
+    load_weights(model, load_checkpoint(path, required=("model",))["model"], path, "rerun the float stage")
+    return layer_similarity(deploy_part(model).eval(), qat_model, qmodel, program, [images])

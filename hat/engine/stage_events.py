@@ -4,7 +4,9 @@ each stage's hyperparameters (the training stages write theirs through TensorBoa
 Tags: calibration writes `calibration/range/<module>` (the activation range each layer's scale covers),
 histograms `calibration/activation_scales` and `calibration/weight_scales`, the text `calibration/ranges`;
 int_infer writes every metric as a scalar (`val/top1`, `val/top1_qat`, ...) and the text `int_infer/accuracy`;
-every stage writes its hyperparameters and results under `hparams/` (TensorBoard's HPARAMS tab).
+every stage writes its hyperparameters and results under `hparams/` (TensorBoard's HPARAMS tab). The training
+stages write every `trainer.histogram_interval` epochs their weights (`<stage>/weights/<parameter>`) and, in QAT,
+the quantizers' ranges and scales (`qat/range/<module>`, `qat/activation_scales`, `qat/weight_scales`).
 """
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ def stage_writer(out_dir: Path) -> Iterator[Optional[Any]]:
         writer.close()
 
 
-def write_quantizer_ranges(writer, model: nn.Module) -> None:
-    """Each activation quantizer's covered range (scale * qmax) per module, all scales as histograms, and a table."""
+def write_quantizer_ranges(writer, model: nn.Module, prefix: str = "calibration", step: int = 0,
+                           table: bool = True) -> None:
+    """Each activation quantizer's covered range (scale * qmax) per module, all scales as histograms, and (`table`)
+    a table, under `prefix`/."""
     from hat.quant.fake_quantize import FakeQuantize
 
     rows, activation_scales, weight_scales = [], [], []
@@ -70,15 +74,23 @@ def write_quantizer_ranges(writer, model: nn.Module) -> None:
         if module.ch_axis is None:  # activations: one scale per tensor
             covered = float(scale[0]) * module.quant_max
             owner = name.rsplit(".", 1)[0] if "." in name else name
-            writer.add_scalar(f"calibration/range/{owner}", covered, 0)
+            writer.add_scalar(f"{prefix}/range/{owner}", covered, step)
             rows.append(f"| {owner} | {module.dtype} | {float(scale[0]):.6g} | +-{covered:.4g} |")
             activation_scales.append(scale)
         else:
             weight_scales.append(scale)
-    for tag, scales in (("calibration/activation_scales", activation_scales),
-                        ("calibration/weight_scales", weight_scales)):
+    for tag, scales in ((f"{prefix}/activation_scales", activation_scales), (f"{prefix}/weight_scales", weight_scales)):
         if scales:
-            writer.add_histogram(tag, torch.cat(scales), 0)
-    if rows:
-        writer.add_text("calibration/ranges", "\n".join(["| module | dtype | scale | range |", "|---|---|---|---|",
-                                                         *rows]), 0)
+            writer.add_histogram(tag, torch.cat(scales), step)
+    if rows and table:
+        writer.add_text(f"{prefix}/ranges", "\n".join(["| module | dtype | scale | range |", "|---|---|---|---|",
+                                                         *rows]), step)
+
+
+def write_model_histograms(writer, model: nn.Module, prefix: str, step: int) -> None:
+    """Every weight as a histogram (`<prefix>/weights/<parameter>`) and, in a QAT model, its quantizers' ranges and
+    scales (write_quantizer_ranges): how they move during training."""
+    for name, param in model.named_parameters():
+        if name.endswith("weight"):
+            writer.add_histogram(f"{prefix}/weights/{name}", param.detach().float().cpu(), step)
+    write_quantizer_ranges(writer, model, prefix, step, table=False)

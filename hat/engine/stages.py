@@ -24,7 +24,7 @@ from hat.engine import distributed
 from hat.engine.batch import to_device
 from hat.engine.callbacks import CheckpointCallback, EvalCallback, ProgressCallback, TensorBoardCallback
 from hat.engine.preview import preview
-from hat.engine.stage_events import write_hparams
+from hat.engine.stage_events import write_hparams, write_model_histograms
 from hat.engine.runtime import keep_freed_memory, seed_everything
 from hat.engine.workdir import claimed_stage_folder
 from hat.engine.optim import build_optimizer
@@ -137,7 +137,10 @@ def build_trainer(cfg: DictConfig, model: nn.Module, out_dir: Path,
                                          t.best_mode),
                       TensorBoardCallback(out_dir / "tb", t.log_interval, {"lr": lr_line},
                                           lambda trainer: preview(trainer.bare_model, shown, names, eval_context),
-                                          hparams=lambda writer, metrics: write_hparams(writer, cfg, metrics)),
+                                          hparams=lambda writer, metrics: write_hparams(writer, cfg, metrics),
+                                          histograms=lambda writer, trainer: write_model_histograms(
+                                              writer, trainer.bare_model, cfg.stage, trainer.step),
+                                          histogram_interval=t.histogram_interval),
                       ProgressCallback(t.progress_bar)]
     model = distributed.wrap_model(model, device, t.sync_bn)
     trainer = Trainer(model, optimizer, train_loader, t.epochs, None, callbacks, device,

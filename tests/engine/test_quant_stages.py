@@ -52,6 +52,13 @@ def test_float_calibration_qat_int_infer_keep_float_accuracy(digits_cfg, tmp_pat
     assert {"val/top1", "val/top1_qat", "val/top1_quantized", "val/bit_exact_mismatches"} <= \
         set(tags["int_infer"]["scalars"])
     assert "int_infer/accuracy/text_summary" in tags["int_infer"]["tensors"]
+    assert {"int_infer/sqnr_db/backbone.0.0", "int_infer/sqnr_db/head.2"} <= set(tags["int_infer"]["scalars"])
+    assert "int_infer/layers/text_summary" in tags["int_infer"]["tensors"]
+    assert {"float/weights/backbone.0.0.weight", "qat/weights/backbone.0.0.layer.weight"} <= \
+        set(tags["float"]["histograms"]) | set(tags["qat"]["histograms"])
+    assert {"qat/activation_scales", "qat/weight_scales"} <= set(tags["qat"]["histograms"])
+    assert "qat/range/backbone.1.0" in tags["qat"]["scalars"]
+    assert "## Per-layer error" in (tmp_path / "int_infer" / "summary.md").read_text()
 
     # FAQ 2.3 Q3: tools/export_onnx.py for each model kind; onnxruntime keeps the accuracy
     ort = pytest.importorskip("onnxruntime")

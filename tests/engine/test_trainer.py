@@ -166,6 +166,15 @@ def test_eval_interval_reports_metrics_only_for_evaluated_epochs(digits_cfg, tmp
     events = EventAccumulator(str(tmp_path / "float" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/top1")] == [46, 69]  # epoch 2, and the last epoch
+    every = EventAccumulator(str(tmp_path / "float" / "tb"), size_guidance={"histograms": 0}).Reload()  # keep all
+    assert [e.step for e in every.Histograms("float/weights/backbone.0.0.weight")] == [23, 46, 69]  # every epoch
+
+
+def test_histogram_interval_zero_writes_no_histograms(digits_cfg, tmp_path):
+    run_stage(digits_cfg("trainer.epochs=1", "trainer.histogram_interval=0"))
+    assert EventAccumulator(str(tmp_path / "float" / "tb")).Reload().Tags()["histograms"] == []
+    with pytest.raises(ConfigError, match="trainer.histogram_interval=-1 is out of range; it must be >= 0"):
+        digits_cfg("trainer.histogram_interval=-1")
 
 
 def test_resuming_a_finished_run_keeps_its_metrics(digits_cfg, tmp_path):
