@@ -205,13 +205,31 @@ def _list(kind: str) -> int:
         raise HatError(f"--list: unknown kind '{kind}'; kinds: {', '.join(kinds())}")
     for k in chosen:
         print(f"{k}: {', '.join(list_registered(k))}")
+    if "model" in chosen:
+        from hat.models import list_models, zoo_index
+
+        entries = list_models(pretrained=True)
+        print(f"zoo ({zoo_index.zoo_dir()}; create_model(NAME), or pretrained: zoo:NAME in a config): "
+              f"{', '.join(entries) or 'no entries (tools/zoo.py register)'}")
     return 0
+
+
+ZOO_KINDS = {"float": "float", "calibration": "qat", "qat": "qat", "int_infer": "program"}  # --ckpt zoo:NAME's file
+
+
+def zoo_checkpoint(ckpt: Optional[str], kind: str) -> Optional[str]:
+    """A tool's --ckpt, with `zoo:NAME` replaced by the verified path of that zoo entry's `kind` file."""
+    if not ckpt:
+        return ckpt
+    from hat.models import zoo_index
+
+    return zoo_index.resolve(ckpt, kind)
 
 
 def _predict(argv: Optional[Sequence[str]]) -> int:
     parser = _parser("predict.py", "Evaluate a stage's checkpoint on the config's validation data.")
     parser.add_argument("--ckpt", help="checkpoint to evaluate (default: work_dir/<stage>/best.pt; for int_infer the "
-                                       "integer program, work_dir/int_infer/model.hir)")
+                                       "integer program, work_dir/int_infer/model.hir); zoo:NAME: the zoo entry's")
     parser.add_argument("--draw", type=int, default=0, metavar="N",
                         help="also draw the predictions (boxes, masks) on the first N validation images into "
                              "work_dir/<stage>/predictions/")
@@ -235,6 +253,7 @@ def _predict(argv: Optional[Sequence[str]]) -> int:
     if args.profile and cfg.stage != "int_infer":
         raise HatError(f"--profile times the integer program's ops; it needs --stage int_infer (got '{cfg.stage}')")
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
+    args.ckpt = zoo_checkpoint(args.ckpt, ZOO_KINDS[cfg.stage])
     if cfg.stage == "int_infer":  # the integer program file
         path = Path(args.ckpt or Path(cfg.work_dir) / "int_infer" / PROGRAM_FILE)
         run, postprocess = backend.load(path), structure_postprocess(cfg)
@@ -278,7 +297,7 @@ def _check_model(argv: Optional[Sequence[str]]) -> int:
 
     cfg = stage_config(_load(args), "int_infer")
     try:
-        qmodel, source = model_to_check(cfg, args.ckpt)
+        qmodel, source = model_to_check(cfg, zoo_checkpoint(args.ckpt, "qat"))
     except QuantizationError as exc:  # the model cannot even run quantized: not deployable, and why
         print(f"{cfg.model.type}: NOT deployable on {cfg.quant.march}: {exc}")
         return 1
@@ -307,7 +326,8 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
     stage = cfg.stage
     cfg = stage_config(cfg, stage)
     source = "qat" if stage == "int_infer" else stage
-    ckpt = Path(args.ckpt or Path(cfg.work_dir) / source / "best.pt")
+    ckpt = Path(zoo_checkpoint(args.ckpt, "float" if stage == "float" else "qat")
+                or Path(cfg.work_dir) / source / "best.pt")
     out = Path(args.out or Path(cfg.work_dir) / stage / "model.onnx")
     loader = build_loader(build_dataset(cfg.data, "val"), cfg.data, train=False, seed=cfg.seed)
     example = next(iter(loader))[0][:1]
@@ -326,17 +346,22 @@ def _export_onnx(argv: Optional[Sequence[str]]) -> int:
 
 def _zoo(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog="zoo.py", description="The local model zoo ($HAT_HOME/zoo): finished "
-                                     "projects' float weights, reusable with create_model(NAME, pretrained=True) "
-                                     "or the config key pretrained: zoo:NAME.")
+                                     "projects' float weights, QAT checkpoint and integer program, reusable with "
+                                     "create_model(NAME, pretrained=True), the config key pretrained: zoo:NAME, or "
+                                     "--ckpt zoo:NAME of predict, check_model and export_onnx.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add = commands.add_parser("register", help="add a project's float/best.pt under a name")
+    add = commands.add_parser("register", help="add a project's float/best.pt (and qat/best.pt, int_infer/model.hir "
+                                               "when those stages ran) under a name")
     add.add_argument("--config", required=True)
     add.add_argument("--name", help="entry name (default: the project folder and the model, e.g. digits_convnet_small)")
     add.add_argument("--overwrite", action="store_true")
     add.add_argument("overrides", nargs="*")
-    commands.add_parser("list", help="the entries, with their metrics")
-    drop = commands.add_parser("remove", help="delete an entry and its weights")
+    commands.add_parser("list", help="the entries, with their metrics and files")
+    drop = commands.add_parser("remove", help="delete an entry and its files")
     drop.add_argument("name")
+    where = commands.add_parser("path", help="print the verified path of an entry's file")
+    where.add_argument("name")
+    where.add_argument("--kind", choices=("float", "qat", "program"), default="float")
     args = parser.parse_args(argv)
     from hat.models import zoo_index
 
@@ -345,11 +370,15 @@ def _zoo(argv: Optional[Sequence[str]]) -> int:
         print(f"{zoo_index.zoo_dir()}: {len(index)} entries")
         for name, item in sorted(index.items()):
             metrics = "  ".join(f"{k} {v:.4g}" for k, v in item.get("metrics", {}).items())
-            print(f"  {name:28s} {item['model'].get('type', '?'):16s} {metrics}  sha256 {item['sha256'][:12]}")
+            print(f"  {name:28s} {item['model'].get('type', '?'):16s} {metrics}  files: "
+                  f"{'+'.join(zoo_index.artifacts(item))}  sha256 {item['sha256'][:12]}")
         return 0
     if args.command == "remove":
         zoo_index.remove(args.name)
         print(f"removed {args.name}")
+        return 0
+    if args.command == "path":
+        print(zoo_index.verified_checkpoint(args.name, args.kind))
         return 0
     from omegaconf import OmegaConf
 
@@ -357,10 +386,19 @@ def _zoo(argv: Optional[Sequence[str]]) -> int:
 
     args.stage = None
     cfg = _load(args)
-    checkpoint = Path(cfg.work_dir) / "float" / "best.pt"
+    work_dir = Path(cfg.work_dir)
+    checkpoint, qat, program = (work_dir / "float" / "best.pt", work_dir / "qat" / "best.pt",
+                                work_dir / "int_infer" / "model.hir")
+    finished = (work_dir / "int_infer" / "metrics.json").is_file()  # the program passed the check and was evaluated
     name = args.name or f"{Path(args.config).resolve().parent.name}_{cfg.model.type}"
     state_metrics = load_checkpoint(checkpoint, required=("model",)).get("metrics") or {}
     item = zoo_index.register_checkpoint(name, checkpoint, OmegaConf.to_container(cfg.model, resolve=True),
-                                         dict(state_metrics), OmegaConf.to_yaml(cfg), args.overwrite)
-    print(f"registered {name} ({cfg.model.type}, {checkpoint}) in {zoo_index.zoo_dir()}, sha256 {item['sha256']}")
+                                         dict(state_metrics), OmegaConf.to_yaml(cfg), args.overwrite,
+                                         qat if qat.is_file() else None,
+                                         program if finished and program.is_file() else None)
+    files = zoo_index.artifacts(item)
+    print(f"registered {name} ({cfg.model.type}, {checkpoint}) in {zoo_index.zoo_dir()}, sha256 {item['sha256']}; "
+          f"files: {', '.join(zoo_index.ARTIFACTS[k] for k in files)}"
+          + ("" if "program" in files else " (not deployable yet: run the qat and int_infer stages, then register "
+                                           "again with --overwrite)"))
     return 0

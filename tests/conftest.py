@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from hat.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "projects" / "digits" / "convnet.yaml"
+# the tests never see the user's own zoo (~/.cache/hat): list_models() lists its entries, and tests register their own
+os.environ["HAT_HOME"] = tempfile.mkdtemp(prefix="hat_home_tests_")
 
 
 @pytest.fixture

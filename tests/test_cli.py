@@ -78,7 +78,9 @@ def test_predict_with_a_checkpoint_of_another_model(tmp_path, capsys):
 
 def test_list_shows_registered_names(capsys):
     assert train_main(["--list", "model"]) == 0
-    assert capsys.readouterr().out.strip() == "model: convnet_base, convnet_small, mobilenet_v2, resnet18, resnet34, torchvision"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "model: convnet_base, convnet_small, mobilenet_v2, resnet18, resnet34, torchvision"
+    assert lines[1].startswith("zoo (") and lines[1].endswith("no entries (tools/zoo.py register)")  # none in tests
     assert train_main(["--list"]) == 0
     assert "optimizer: AdamW, SGD" in capsys.readouterr().out
 

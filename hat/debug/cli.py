@@ -66,7 +66,9 @@ def _float_model(cfg, args, required: bool):
     from hat.engine.stages import build_model
 
     model = build_model(cfg)
-    path = Path(args.float_ckpt or Path(cfg.work_dir) / "float" / "best.pt")
+    from hat.cli import zoo_checkpoint
+
+    path = Path(zoo_checkpoint(args.float_ckpt, "float") or Path(cfg.work_dir) / "float" / "best.pt")
     if path.is_file() or args.float_ckpt or required:
         if not path.is_file():
             raise CheckpointError(f"{path} not found: run the float stage first, or pass --float-ckpt")
@@ -81,7 +83,9 @@ def _qat_model(cfg, args):
 
     work_dir = Path(cfg.work_dir)
     found = [p for p in (work_dir / "qat" / "best.pt", work_dir / "calibration" / "best.pt") if p.is_file()]
-    path = Path(args.ckpt) if args.ckpt else (found[0] if found else None)
+    from hat.cli import zoo_checkpoint
+
+    path = Path(zoo_checkpoint(args.ckpt, "qat")) if args.ckpt else (found[0] if found else None)
     if path is None:
         raise CheckpointError(f"no calibration or QAT checkpoint in {work_dir}: run --stage calibration (and qat) "
                               f"first, or pass --ckpt")

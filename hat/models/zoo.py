@@ -16,9 +16,13 @@ from hat.registry import build, get, list_registered
 log = logging.getLogger("hat")
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered zoo model names, filtered by a shell-style pattern ("resnet*")."""
-    return [n for n in list_registered("model") if fnmatch.fnmatch(n, pattern)]
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Every name create_model takes, filtered by a shell-style pattern ("resnet*"): the registered models, then the
+    entries of the local zoo ($HAT_HOME/zoo); `pretrained=True`: only the zoo entries (the names with weights)."""
+    entries = sorted(read_index())
+    names = entries if pretrained else [*list_registered("model"), *(n for n in entries
+                                                                     if n not in list_registered("model"))]
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
 def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:

@@ -1,11 +1,13 @@
 """The local zoo index: finished projects' weights, reusable by name (`create_model(name, pretrained=True)`).
 
 Everything lives under `$HAT_HOME/zoo/` (default ~/.cache/hat/zoo): `index.json` (name -> model config, checkpoint
-file, sha256, metrics, the project's config) and one `<name>.pt` per entry. Nothing downloads: an entry comes from
+file, sha256, metrics, the project's config) and per entry `<name>.pt` (float weights) and, once the project ran
+QAT and int_infer, `<name>.qat.pt` and `<name>.hir` (a deployable entry). Nothing downloads: an entry comes from
 `tools/zoo.py register` (a finished project) or from a copied HAT_HOME; every read verifies the sha256.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -17,6 +19,8 @@ from hat.errors import CheckpointError, ConfigError
 from hat.fileio import atomic_write
 
 INDEX_FILE = "index.json"
+ARTIFACTS = {"float": "float weights", "qat": "QAT checkpoint", "program": "integer program"}
+SUFFIXES = {"float": ".pt", "qat": ".qat.pt", "program": ".hir"}
 
 
 def zoo_dir() -> Path:
@@ -46,25 +50,45 @@ def sha256(path: Path) -> str:
 
 
 def entry(name: str) -> dict[str, Any]:
-    """The index entry `name`; a clear error listing the entries (and how to add one) when it is absent."""
+    """The index entry `name`; a clear error listing the entries (a did-you-mean, and how to add one) when absent."""
     index = read_index()
     if name not in index:
+        close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         known = ", ".join(sorted(index)) or "none"
-        raise ConfigError(f"no pretrained weights named '{name}' in the local zoo {zoo_dir() / INDEX_FILE} (entries: "
-                          f"{known}). Register a finished project with `python tools/zoo.py register --config "
-                          f"PROJECT.yaml --name {name}`, or set HAT_HOME to a folder holding a zoo; nothing downloads")
+        raise ConfigError(f"no pretrained weights named '{name}' in the local zoo {zoo_dir() / INDEX_FILE}.{hint} "
+                          f"(entries: {known}). Register a finished project with `python tools/zoo.py register "
+                          f"--config PROJECT.yaml --name {name}`, or set HAT_HOME to a folder holding a zoo; nothing "
+                          f"downloads")
     return index[name]
 
 
-def checkpoint_path(name: str, item: Any) -> Path:
-    """The file of index entry `name`, checked to be a plain name that resolves (symlinks followed) inside the zoo
-    folder: a hostile or hand-edited index cannot make a load read, or `remove` delete, a file elsewhere."""
-    value = item.get("checkpoint") if isinstance(item, dict) else None
+def artifacts(item: Any) -> list[str]:
+    """The kinds of file an index entry holds (float weights always; QAT checkpoint and program when registered)."""
+    return [kind for kind in ARTIFACTS if _recorded(item, kind)[0] is not None]
+
+
+def _recorded(item: Any, kind: str) -> tuple[Any, Any]:
+    """(file name, sha256) of an entry's `kind` file as the index records them; (None, None) when it has none. The
+    float weights are the entry's own `checkpoint`/`sha256`, the others `{kind: {file, sha256}}`."""
+    if not isinstance(item, dict):
+        return None, None
+    if kind == "float":
+        return item.get("checkpoint"), item.get("sha256")
+    part = item.get(kind)
+    return (part.get("file"), part.get("sha256")) if isinstance(part, dict) else (None, None)
+
+
+def checkpoint_path(name: str, item: Any, kind: str = "float") -> Path:
+    """The `kind` file of index entry `name`, checked to be a plain name that resolves (symlinks followed) inside
+    the zoo folder: a hostile or hand-edited index cannot make a load read, or `remove` delete, a file elsewhere."""
+    value = _recorded(item, kind)[0]
     problem = _checkpoint_problem(value)
     if problem:
-        raise CheckpointError(f"zoo entry '{name}' in {zoo_dir() / INDEX_FILE}: 'checkpoint' {value!r} {problem}; "
-                              f"nothing was read or deleted. Edit the entry's \"checkpoint\" to its file name in "
-                              f"that folder (e.g. \"{name}.pt\") or delete the entry from index.json")
+        key = "checkpoint" if kind == "float" else f"{kind}.file"
+        raise CheckpointError(f"zoo entry '{name}' in {zoo_dir() / INDEX_FILE}: '{key}' {value!r} {problem}; "
+                              f"nothing was read or deleted. Edit the entry's \"{key}\" to its file name in "
+                              f"that folder (e.g. \"{name}{SUFFIXES[kind]}\") or delete the entry from index.json")
     return zoo_dir() / value
 
 
@@ -79,36 +103,61 @@ def _checkpoint_problem(value: Any) -> str:
     return ""
 
 
-def verified_checkpoint(name: str) -> Path:
-    """The checkpoint file of entry `name`, after checking its sha256 against the index."""
+def verified_checkpoint(name: str, kind: str = "float") -> Path:
+    """The `kind` file (float weights, QAT checkpoint, integer program) of entry `name`, after checking its sha256
+    against the index."""
     item = entry(name)
-    path = checkpoint_path(name, item)
+    if kind not in artifacts(item):
+        raise CheckpointError(f"zoo entry '{name}' has no {ARTIFACTS[kind]} (it holds: {', '.join(artifacts(item))}): "
+                              f"run the project's qat and int_infer stages, then `python tools/zoo.py register "
+                              f"--config PROJECT.yaml --name {name} --overwrite`")
+    path = checkpoint_path(name, item, kind)
     if not path.is_file():
         raise CheckpointError(f"zoo entry '{name}': {path} is missing; register the project again")
     actual = sha256(path)
-    if actual != item["sha256"]:
+    expected = _recorded(item, kind)[1]
+    if actual != expected:
         raise CheckpointError(f"zoo entry '{name}': {path} has sha256 {actual[:16]}..., the index says "
-                              f"{item['sha256'][:16]}...: the file was changed or damaged; register the project again")
+                              f"{str(expected)[:16]}...: the file was changed or damaged; register the project again")
     return path
 
 
 def register_checkpoint(name: str, checkpoint: Path, model_cfg: dict, metrics: dict[str, float],
-                        config_yaml: str = "", overwrite: bool = False) -> dict[str, Any]:
-    """Copy `checkpoint` (its model weights only) into the zoo as entry `name` and index it with its sha256."""
+                        config_yaml: str = "", overwrite: bool = False, qat_checkpoint: Optional[Path] = None,
+                        program: Optional[Path] = None) -> dict[str, Any]:
+    """Copy `checkpoint` (its model weights only) into the zoo as entry `name` and index it with its sha256; with
+    the project's QAT checkpoint and integer program too, the entry is deployable."""
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"zoo name '{name}': use letters, digits, '_' and '-' only")
     index = read_index()
     if name in index and not overwrite:
         raise ConfigError(f"zoo entry '{name}' exists (from {index[name].get('source', '?')}); pass --overwrite to "
                           f"replace it or choose another --name")
-    state = load_checkpoint(checkpoint, required=("model",))
+    states = {"float": load_checkpoint(checkpoint, required=("model",))}
+    if qat_checkpoint is not None:
+        states["qat"] = load_checkpoint(qat_checkpoint, required=("model",))
+    if program is not None:
+        from hat import backend
+
+        backend.load(program)  # a damaged or foreign file is refused here, not when someone deploys it
     folder = zoo_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.pt"
-    save_checkpoint({"model": state["model"], "config": config_yaml}, target)
-    item = {"model": model_cfg, "checkpoint": target.name, "sha256": sha256(target), "metrics": metrics,
-            "source": str(Path(checkpoint).resolve()), "config": config_yaml}
+    written = {}
+    for kind, state in states.items():
+        written[kind] = folder / f"{name}{SUFFIXES[kind]}"
+        save_checkpoint({"model": state["model"], "config": config_yaml}, written[kind])
+    if program is not None:
+        written["program"] = folder / f"{name}{SUFFIXES['program']}"
+        data = Path(program).read_bytes()
+        atomic_write(written["program"], lambda f: f.write(data))
+    item = {"model": model_cfg, "checkpoint": written["float"].name, "sha256": sha256(written["float"]),
+            "metrics": metrics, "source": str(Path(checkpoint).resolve()), "config": config_yaml}
+    item.update({kind: {"file": path.name, "sha256": sha256(path)} for kind, path in written.items() if kind != "float"})
+    old = index.get(name) if overwrite else None
     _write_index({**index, name: item})
+    for kind in artifacts(old):  # an overwritten entry's files that the new one no longer has
+        if kind not in written:
+            checkpoint_path(name, old, kind).unlink(missing_ok=True)
     return item
 
 
@@ -117,13 +166,20 @@ def _write_index(index: dict) -> None:
 
 
 def remove(name: str) -> None:
-    """Delete entry `name` and its file; the file's path is checked first, so a hostile entry touches nothing."""
+    """Delete entry `name` and its files; every path is checked first, so a hostile entry touches nothing."""
     index = read_index()
     if name not in index:
         entry(name)  # raises, listing the entries
-    path = checkpoint_path(name, index.pop(name))
-    path.unlink(missing_ok=True)  # a link inside the folder: removes the link, never its target
+    item = index.pop(name)
+    paths = [checkpoint_path(name, item, kind) for kind in artifacts(item) or ["float"]]
+    for path in paths:
+        path.unlink(missing_ok=True)  # a link inside the folder: removes the link, never its target
     _write_index(index)
+
+
+def resolve(value: str, kind: str) -> str:
+    """A tool's --ckpt: `zoo:NAME` as the verified `kind` file of that entry, anything else as given."""
+    return str(verified_checkpoint(value[4:], kind)) if value.startswith("zoo:") else value
 
 
 def pretrained_path(value: Any, model_name: Optional[str] = None) -> Optional[str]:

@@ -7,7 +7,7 @@ import torch
 from hat.checkpoint import save_checkpoint
 from hat.cli import zoo_main
 from hat.errors import CheckpointError, ConfigError, RegistryError
-from hat.models import create_model, zoo, zoo_index
+from hat.models import create_model, list_models, zoo, zoo_index
 from hat.models.zoo_index import read_index, sha256, zoo_dir
 from tests.conftest import DIGITS
 
@@ -141,3 +141,62 @@ def test_a_misspelled_zoo_name_gets_a_did_you_mean_among_the_entries(project, ca
     with pytest.raises(RegistryError, match=r"'digits_convnet_smal' is neither a registered model nor a local zoo "
                                             r"entry\. Did you mean 'digits_convnet_small'"):
         create_model("digits_convnet_smal", pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory):
+    """A digits project that ran all four stages (short), so its zoo entry is deployable."""
+    from hat.config import load_config
+    from hat.engine.stages import run_stage
+
+    work = tmp_path_factory.mktemp("finished")
+    metrics = {}
+    for stage in ("float", "calibration", "qat", "int_infer"):
+        metrics[stage] = run_stage(load_config(DIGITS, [f"work_dir={work}", "trainer.progress_bar=false",
+                                                        f"stage={stage}", "trainer.epochs=2",
+                                                        "stages.qat.trainer.epochs=1"]))
+    return work, metrics
+
+
+def test_a_finished_project_registers_a_deployable_entry(finished_project, tmp_path, monkeypatch, capsys):
+    from hat import backend
+    from hat.cli import predict_main, train_main
+
+    work_dir, metrics = finished_project
+    monkeypatch.setenv("HAT_HOME", str(tmp_path / "hat_home"))
+    assert zoo_main(["register", "--config", str(DIGITS), f"work_dir={work_dir}", "--name", "digits"]) == 0
+    assert "files: float weights, QAT checkpoint, integer program" in capsys.readouterr().out
+    assert {p.name for p in zoo_dir().iterdir()} == {"index.json", "digits.pt", "digits.qat.pt", "digits.hir"}
+    assert zoo_main(["list"]) == 0 and "files: float+qat+program" in capsys.readouterr().out
+    assert list_models(pretrained=True) == ["digits"] and list_models()[-1] == "digits"
+    assert train_main(["--list", "model"]) == 0 and capsys.readouterr().out.strip().endswith("): digits")
+
+    assert zoo_main(["path", "digits", "--kind", "program"]) == 0
+    program = backend.load(capsys.readouterr().out.strip())  # deployable straight from the zoo
+    assert (work_dir / "int_infer" / "model.hir").read_bytes() == (zoo_dir() / "digits.hir").read_bytes()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(program(x), backend.load(work_dir / "int_infer" / "model.hir")(x))
+    elsewhere = f"work_dir={tmp_path / 'empty'}"  # the zoo entry is all predict needs
+    assert predict_main(["--config", str(DIGITS), "--stage", "int_infer", "--ckpt", "zoo:digits", elsewhere]) == 0
+    assert f"val/top1 {metrics['int_infer']['val/top1']:.4f}" in capsys.readouterr().out
+    assert predict_main(["--config", str(DIGITS), "--stage", "qat", "--ckpt", "zoo:digits", elsewhere]) == 0
+    assert f"val/top1 {metrics['qat']['val/top1']:.4f}" in capsys.readouterr().out
+
+    (work_dir / "int_infer" / "metrics.json").rename(work_dir / "int_infer" / "metrics.moved")
+    try:  # int_infer did not finish: float weights and QAT checkpoint only, the old program goes
+        assert zoo_main(["register", "--config", str(DIGITS), f"work_dir={work_dir}", "--name", "digits",
+                         "--overwrite"]) == 0
+    finally:
+        (work_dir / "int_infer" / "metrics.moved").rename(work_dir / "int_infer" / "metrics.json")
+    assert "not deployable yet: run the qat and int_infer stages" in capsys.readouterr().out
+    assert not (zoo_dir() / "digits.hir").exists()
+    with pytest.raises(CheckpointError, match=r"zoo entry 'digits' has no integer program \(it holds: float, qat\)"):
+        zoo_index.verified_checkpoint("digits", "program")
+    assert zoo_main(["remove", "digits"]) == 0 and {p.name for p in zoo_dir().iterdir()} == {"index.json"}
+
+
+def test_a_misspelled_pretrained_entry_gets_a_did_you_mean(project):
+    work_dir, _ = project
+    assert zoo_main(["register", "--config", str(DIGITS), f"work_dir={work_dir}", "--name", "digits_small"]) == 0
+    with pytest.raises(ConfigError, match=r"no pretrained weights named 'digits_smal' .*Did you mean 'digits_small'"):
+        create_model("convnet_small", pretrained="zoo:digits_smal")
