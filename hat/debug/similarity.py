@@ -86,7 +86,8 @@ def layer_similarity(float_model: nn.Module, qat_model: nn.Module, quantized_mod
         if program is not None:
             seen["program"] = program.module_outputs(images)
         for name, found in seen["quantized"].items():
-            order.setdefault(name, found.kind)
+            if name not in seen["quantized"].aliases:
+                order.setdefault(name, found.kind)
         for a, b in STEPS:
             if b in seen:
                 recordings[(a, b)].append((seen[a], seen[b]))

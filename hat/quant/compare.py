@@ -8,7 +8,7 @@ names: `backbone.1.conv`), and several batches accumulate into one number per la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -91,24 +91,38 @@ def prepare_for_compare(model: nn.Module) -> nn.Module:
     return model
 
 
+class Recording(dict):
+    """Recorded outputs by module name, in execution order. `aliases` are containers that returned a child's output
+    unchanged (recorded under both names): a fused float `conv2` (conv + bn) then lines up with a QAT `conv2`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aliases: set[str] = set()
+
+
 @torch.no_grad()
-def record(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, Recorded]:
+def record(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Recording:
     """The output of every module of `model` on `inputs` (a tuple of args), by name, in execution order. A module
-    that returns its last child's output unchanged (a container, an Identity left by fusion) is not repeated."""
-    seen: dict[str, Recorded] = {}
-    last: list = [None]
+    returning its input (an Identity left by fusion) is skipped; an in-place one (ReLU(inplace=True)) is recorded."""
+    seen = Recording()
+    last: list = [None, None]  # the latest recorded output and its name
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, (FakeQuantize, MinMaxObserver)):
             continue
 
-        def hook(mod, args, output, name=name):
-            if output is last[0] or (isinstance(mod, nn.Identity) and args and output is args[0]):
+        def hook(mod, args, output, name=name or "(output)"):
+            if isinstance(mod, nn.Identity) and args and output is args[0]:
                 return
-            last[0] = output
+            if output is last[0] and not getattr(mod, "inplace", False):
+                if next(mod.children(), None) is not None and last[1] in seen:
+                    seen[name] = replace(seen[last[1]], kind=type(mod).__name__)
+                    seen.aliases.add(name)
+                return  # a container repeating its last child, or a pass-through such as a float DeQuantStub
             found = _recorded(type(mod).__name__, output)
             if found is not None:
-                seen[name or "(output)"] = found
+                seen[name] = found
+                last[:] = [output, name]
         hooks.append(module.register_forward_hook(hook))
     try:
         model(*inputs)
@@ -122,18 +136,19 @@ def _recorded(kind: str, output) -> Optional[Recorded]:
     if isinstance(output, QTensor):
         return Recorded(kind, output.dequantize().detach().double(), output.scale.detach(), output.axis)
     if isinstance(output, torch.Tensor) and output.is_floating_point():
-        return Recorded(kind, output.detach().double())
+        return Recorded(kind, output.detach().to(torch.float64, copy=True))  # a later in-place op must not change it
     return None
 
 
 def diff_layers(batches: Iterable[tuple[dict[str, Recorded], dict[str, Recorded]]]) -> CompareReport:
     """Per layer present in both recordings (by name, same shape), over every batch's pair of recordings; in the
-    first recording's order."""
+    first recording's order. A name that is an alias on both sides is its child's row already and is left out."""
     stats: dict[str, LayerStats] = {}
     for recorded_a, recorded_b in batches:
+        both_aliases = getattr(recorded_a, "aliases", set()) & getattr(recorded_b, "aliases", set())
         for name, a in recorded_a.items():
             b = recorded_b.get(name)
-            if b is not None and b.value.shape == a.value.shape:
+            if b is not None and b.value.shape == a.value.shape and name not in both_aliases:
                 stats.setdefault(name, LayerStats((a.kind, b.kind))).add(a, b)
     return CompareReport(s.diff(name) for name, s in stats.items())
 

@@ -66,3 +66,36 @@ def test_several_batches_give_one_number_per_layer_over_all_of_them():
     for h, w in zip(halves, whole):
         assert math.isclose(h.sqnr_db, w.sqnr_db, rel_tol=1e-9) and math.isclose(h.cosine, w.cosine, rel_tol=1e-9)
         assert math.isclose(h.max_error_lsb, w.max_error_lsb, rel_tol=1e-9)
+
+
+def test_an_fx_block_compares_every_layer_with_inplace_relu_and_unfused_bn():
+    """A torchvision-style block: conv2 + bn2 (no activation) is a container in the float model, and the in-place
+    ReLU after the residual add returns its input; both still get a row, and the add is its value before the ReLU."""
+    from torch import nn
+
+    from hat.quant.fx import quant_friendly
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    block = Block().eval()
+    float_model = quant_friendly(block, (x,))  # what a torchvision float model is in the zoo
+    qat = quant.prepare_qat_fx(block, example_inputs=(x,))
+    quant.set_fake_quant_state(qat, "calibration")
+    qat.eval()(x)
+    quant.set_fake_quant_state(qat, "validation")
+    rows = {d.name: d for d in quant.compare(float_model, qat, (x,))}
+    assert {"conv1", "conv2", "relu", "add_float_functional"} <= set(rows)
+    assert (rows["conv2"].module_a, rows["conv2"].module_b) == ("FusedLayer", "QATConv2d")
+    assert all(d.sqnr_db > 20 for d in rows.values())
+    add, relu = rows["add_float_functional"], rows["relu"]
+    assert add.sqnr_db != relu.sqnr_db  # the ReLU changed the add's tensor in place after it was recorded
